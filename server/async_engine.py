@@ -1,0 +1,181 @@
+"""The Python API that servers call: asyncio generate/stream over an EngineCore on its own thread.
+
+The step loop owns the core. Other threads talk to it through an inbox of commands, applied
+between steps, and receive outputs through their event loop (`call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from adapters_registry.peft_format import LoraWeights
+from server.engine import EngineCore, GenerationRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Runs one request to the end and returns the whole result."""
+        text, ids, logprobs = [], [], []
+        last = None
+        async for out in self.stream(request):
+            text.append(out.new_text)
+            ids += out.new_token_ids
+            logprobs += out.new_logprobs
+            last = out
+        return GenerationResult(text="".join(text), token_ids=ids, finish_reason=last.finish_reason,
+                                prompt_tokens=last.prompt_tokens,
+                                completion_tokens=last.completion_tokens, logprobs=logprobs)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Yields one RequestOutput per generated token; the last has `finished` set.
+
+        Leaving the loop early (break, cancellation, a client gone) aborts the request, which
+        frees its KV blocks and adapter slot at the next step boundary.
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        request_id = f"r{next(self._ids)}"
+        added = loop.create_future()
+
+        def deliver(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        def add() -> None:
+            try:
+                self.core.add_request(request, request_id)
+                self._sinks[request_id] = deliver
+                loop.call_soon_threadsafe(_resolve, added, None)
+            except Exception as exc:  # validation errors travel back to the caller
+                loop.call_soon_threadsafe(_resolve, added, exc)
+
+        self._submit(add)
+        finished = False
+        try:
+            error = await added
+            if error is not None:
+                finished = True
+                raise error
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._submit(lambda: self._abort(request_id))
+
+    def add_adapter(self, adapter_id: str, weights: LoraWeights) -> None:
+        """Thread-safe; takes effect before the next step."""
+        self._call(lambda: self.core.add_adapter(adapter_id, weights))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self._call(lambda: self.core.remove_adapter(adapter_id))
+
+    def close(self) -> None:
+        """Stops the step loop; unfinished requests are cancelled."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    # ---- the loop thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.core.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception:  # a bug: fail the step's requests rather than hang their callers
+                log.exception("engine step failed; cancelling running requests")
+                self._fail_all()
+                continue
+            for out in outputs:
+                self._emit(out)
+        self._fail_all()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        """Runs fn on the loop thread and waits for it; re-raises its exception here."""
+        if threading.current_thread() is self._thread:
+            fn()
+            return
+        done = threading.Event()
+        box: list[BaseException] = []
+
+        def command() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                box.append(exc)
+            done.set()
+
+        self._submit(command)
+        done.wait()
+        if box:
+            raise box[0]
+
+    def _abort(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+        self.core.abort(request_id)
+
+    def _emit(self, out: RequestOutput) -> None:
+        sink = self._sinks.get(out.request_id)
+        if sink is None:
+            return
+        if out.finished:
+            del self._sinks[out.request_id]
+        sink(out)
+
+    def _fail_all(self) -> None:
+        for request_id in list(self._sinks):
+            out = self.core.abort(request_id)
+            if out is not None:
+                self._emit(out)
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)

@@ -1,0 +1,173 @@
+"""The `loraplex` command line: demo assets, one-off generation, the server.
+
+Errors a user can fix (a missing model, a bad adapter, a bad flag) print one line and exit 2;
+only bugs print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # loraplex never downloads weights at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from server.config import ConfigError, EngineConfig, add_arguments, from_arguments  # noqa: E402
+
+log = logging.getLogger("loraplex")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LORAPLEX_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _quiet_libraries()
+    try:
+        return args.run(args) or 0
+    except _USER_ERRORS as exc:
+        print(f"loraplex: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=(
+        "Serve many LoRA adapters on one quantized base model."))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="build the demo model and adapters (offline, cached)")
+    demo.add_argument("--cache-dir", default=None,
+                      help="where to build them [env LORAPLEX_CACHE_DIR, default ~/.cache/loraplex]")
+    demo.set_defaults(run=_run_demo)
+
+    generate = commands.add_parser("generate", help="generate once from a prompt and exit")
+    _add_engine_flags(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--adapter", default=None, help="adapter name (default: base model)")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(run=_run_generate)
+
+    serve = commands.add_parser("serve", help="start the gRPC server")
+    _add_engine_flags(serve)
+    serve.add_argument("--host", default=os.environ.get("LORAPLEX_HOST", "127.0.0.1"),
+                       help="address to listen on [env LORAPLEX_HOST]")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("LORAPLEX_PORT", "50051")),
+                       help="gRPC port; 0 picks a free one [env LORAPLEX_PORT]")
+    serve.set_defaults(run=_run_serve)
+    return parser
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, EngineConfig)
+    parser.add_argument("--adapter-dir", action="append", default=[], metavar="NAME=PATH",
+                        help="load a PEFT adapter directory under NAME (repeatable); without "
+                             "--model the demo adapters are loaded too")
+    parser.add_argument("--cache-dir", default=None, help="demo asset cache [env LORAPLEX_CACHE_DIR]")
+
+
+def _run_demo(args) -> None:
+    from server.demo import build_demo
+
+    assets = build_demo(args.cache_dir, progress=_progress)
+    print(f"model: {assets.model_dir}")
+    for name, path in assets.adapters.items():
+        print(f"adapter {name}: {path}")
+
+
+def _run_generate(args) -> None:
+    from server.engine import GenerationRequest
+    from server.sampler import SamplingParams
+
+    core = _load_core(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    core.add_request(GenerationRequest(prompt=args.prompt, adapter_id=args.adapter, params=params))
+    started = time.monotonic()
+    pieces, reason, count = [], None, 0
+    while core.has_work():
+        for out in core.step():
+            pieces.append(out.new_text)
+            count += len(out.new_token_ids)
+            reason = out.finish_reason or reason
+    print("".join(pieces))
+    log.info("%d tokens in %.2f s, finish reason %s", count, time.monotonic() - started, reason)
+
+
+def _run_serve(args) -> None:
+    from server.grpc_server import serve
+
+    core = _load_core(args)
+    asyncio.run(serve(core, host=args.host, port=args.port))
+
+
+def _load_core(args):
+    from server.engine import load_engine_core
+
+    config = from_arguments(args, EngineConfig)
+    adapters = _adapter_dirs(args.adapter_dir)
+    if config.model is None:
+        from server.demo import build_demo
+
+        assets = build_demo(args.cache_dir, progress=_progress)
+        config.model = assets.model_dir
+        adapters = {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
+    log.info("loading %s (quantize=%s) with %d adapters", config.model, config.quantize,
+             len(adapters))
+    started = time.monotonic()
+    core = load_engine_core(config, adapters)
+    log.info("ready in %.1f s: %s on %s, %d KV blocks of %d tokens, %d adapter slots (rank <= %d)",
+             time.monotonic() - started, core.model.name, core.model.device, core.kv.num_blocks,
+             core.kv.block_size, config.max_slots, config.max_rank)
+    return core
+
+
+def _adapter_dirs(values: list[str]) -> dict[str, str]:
+    adapters = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter-dir expects NAME=PATH, got {value!r}")
+        adapters[name] = path
+    return adapters
+
+
+def _progress(message: str) -> None:
+    log.info("%s", message)
+
+
+def _quiet_libraries() -> None:
+    """transformers and bitsandbytes log noise that says nothing to a loraplex user."""
+    for name in ("transformers", "bitsandbytes", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from adapters_registry.peft_format import AdapterFormatError
+    from server.engine import UnknownAdapter
+    from server.model import ModelLoadError
+    from server.sampler import InvalidRequest
+
+    return (ConfigError, ModelLoadError, AdapterFormatError, InvalidRequest, UnknownAdapter)
+
+
+_USER_ERRORS = _user_errors()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The one typed configuration of a loraplex server.
+
+Every field has a CLI flag (`--max-slots`) and an environment variable (`LORAPLEX_MAX_SLOTS`);
+a flag given on the command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs the base model and the adapters."""
+
+    model: Path | None = field(
+        default=None,
+        metadata={"help": "Local Hugging Face model directory (Llama, Mistral, Qwen2 layouts). "
+                          "Unset: the built-in demo model (built on first use)."})
+    quantize: str = field(
+        default="nf4",
+        metadata={"help": "Quantization of the base Linear layers (bitsandbytes).",
+                  "choices": QUANTIZE_CHOICES})
+    device: str = field(
+        default="auto",
+        metadata={"help": "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present, else CPU)."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Compute dtype of activations, KV cache and unquantized weights.",
+                  "choices": DTYPE_CHOICES})
+    lora_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the adapter slot tables; bfloat16 halves the memory "
+                          "traffic of heterogeneous batches at a small precision cost.",
+                  "choices": DTYPE_CHOICES})
+    max_slots: int = field(
+        default=32,
+        metadata={"help": "Adapters resident on the device at once (slot table rows)."})
+    max_rank: int = field(
+        default=64,
+        metadata={"help": "Largest LoRA rank accepted; smaller ranks are zero-padded."})
+    max_batch_size: int = field(
+        default=64,
+        metadata={"help": "Most sequences in one step (running batch)."})
+    max_step_tokens: int = field(
+        default=2048,
+        metadata={"help": "Most tokens computed in one step; longer prompts are prefilled "
+                          "in chunks."})
+    kv_cache_mb: int = field(
+        default=512,
+        metadata={"help": "Memory reserved for the paged KV cache, in MiB."})
+    kv_block_size: int = field(
+        default=16,
+        metadata={"help": "Tokens per KV-cache block."})
+    max_model_len: int = field(
+        default=0,
+        metadata={"help": "Longest sequence (prompt + generation); 0 = the model's "
+                          "max_position_embeddings."})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads for torch; 0 = leave torch's default."})
+
+    def validate(self) -> None:
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"--quantize must be one of {QUANTIZE_CHOICES}, not {self.quantize!r}")
+        for name in ("max_slots", "max_rank", "max_batch_size", "max_step_tokens",
+                     "kv_cache_mb", "kv_block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ConfigError("--max-step-tokens must be >= --max-batch-size "
+                              "(every running sequence needs one token per step)")
+        if self.model is not None and not Path(self.model).is_dir():
+            raise ConfigError(f"model directory not found: {self.model}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig) -> None:
+    """Adds one flag per field of `config_cls`; defaults come from LORAPLEX_* variables."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        env = "LORAPLEX_" + f.name.upper()
+        default = os.environ.get(env)
+        kind = _field_type(f)
+        kwargs = {"help": f"{f.metadata.get('help', '')} [env {env}]",
+                  "default": kind(default) if default is not None else None,
+                  "type": kind}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def from_arguments(args: argparse.Namespace, config_cls=EngineConfig):
+    """Builds a validated config from parsed flags; unset flags keep the field defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+             if getattr(args, f.name, None) is not None}
+    config = config_cls(**given)
+    config.validate()
+    return config
+
+
+def _field_type(f: dataclasses.Field):
+    default = f.default
+    if isinstance(default, bool):
+        return lambda s: str(s).lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    if f.name == "model":
+        return Path
+    return str

@@ -1,0 +1,312 @@
+"""The engine: requests in, one packed model step at a time, tokens out.
+
+`EngineCore` is synchronous and single-threaded: `add_request`, `abort`, `step`. Tests drive it
+step by step. `Engine` (server/async_engine.py) runs it on a thread for asyncio callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters_registry.peft_format import LoraWeights
+from server.adapter_slots import AdapterKey, AdapterSlots
+from server.config import EngineConfig
+from server.detokenizer import IncrementalDetokenizer
+from server.kv_cache import KVCache
+from server.lora_layer import LoraContext, clear_slot, wrap_lora_targets, write_adapter_to_slot
+from server.model import LoadedModel
+from server.model_step import ModelRunner, SeqChunk, build_step_inputs
+from server.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
+from server.scheduler import ScheduledChunk, Scheduler, Sequence, SeqStatus
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnknownAdapter(KeyError):
+    """The request names an adapter that is not loaded."""
+
+    def __str__(self) -> str:
+        return f"adapter {self.args[0]!r} is not loaded"
+
+
+class FinishReason:
+    LENGTH = "length"  # max_new_tokens or the model's context length reached
+    STOP = "stop"  # a stop string or stop token id
+    EOS = "eos"  # the model's end-of-sequence token
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    adapter_id: str | None = None  # None or "" = base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: a delta, and the totals when it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[float]
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Live:
+    """Engine-side state of one request besides its Sequence."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    pending_text: str = ""  # text held back while it could be the start of a stop string
+
+
+class EngineCore:
+    def __init__(self, model: LoadedModel, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self.tokenizer = model.tokenizer
+        self.lora = LoraContext()
+        self.layers = wrap_lora_targets(model.hf, self.lora, max_slots=config.max_slots,
+                                        max_rank=config.max_rank,
+                                        dtype=DTYPES[config.lora_dtype], device=model.device)
+        self.kv = _make_kv_cache(model, config)
+        self.max_model_len = _max_model_len(model, config, self.kv)
+        self.adapters: dict[str, tuple[AdapterKey, LoraWeights]] = {}
+        self._versions = itertools.count(1)
+        self.slots = AdapterSlots(config.max_slots, load=self._load_slot,
+                                  clear=lambda slot: clear_slot(self.layers, slot))
+        self.scheduler = Scheduler(self.kv, self.slots, max_batch_size=config.max_batch_size,
+                                   max_step_tokens=config.max_step_tokens)
+        self.runner = ModelRunner(model.hf, self.kv, self.lora)
+        self.eos_ids = _eos_token_ids(model)
+        self._live: dict[str, _Live] = {}
+        self._ids = itertools.count()
+        # Called after each model step with (request ids, logits [N, vocab]); for tests and
+        # debugging, None in service.
+        self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_id: str, weights: LoraWeights) -> None:
+        """Makes `adapter_id` servable; replaces a previous version (running requests keep it)."""
+        if weights.rank > self.config.max_rank:
+            raise InvalidRequest(f"adapter {adapter_id!r} has rank {weights.rank}, above "
+                                 f"--max-rank {self.config.max_rank}")
+        old = self.adapters.get(adapter_id)
+        self.adapters[adapter_id] = (AdapterKey(adapter_id, next(self._versions)), weights)
+        if old is not None:
+            self.slots.retire(old[0])
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """New requests for it fail; requests already running finish on the version they have."""
+        key, _ = self.adapters.pop(adapter_id)
+        self.slots.retire(key)
+
+    def _load_slot(self, slot: int, key: AdapterKey) -> None:
+        _, weights = self.adapters[key.adapter_id]
+        write_adapter_to_slot(self.layers, slot, weights)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request: GenerationRequest, request_id: str | None = None) -> str:
+        """Validates and queues a request; it joins the running batch at the next step."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        prompt_ids = self._prompt_ids(request)
+        params = request.params
+        params.validate(self.model.spec.vocab_size)
+        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                                 f"({params.max_new_tokens}) exceeds the maximum sequence length "
+                                 f"{self.max_model_len}")
+        adapter = None
+        if request.adapter_id:
+            if request.adapter_id not in self.adapters:
+                raise UnknownAdapter(request.adapter_id)
+            adapter = self.adapters[request.adapter_id][0]
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            generator = make_generator(seed)
+        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params,
+                       adapter=adapter, generator=generator)
+        self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer))
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancels a request, freeing its KV blocks and adapter slot reference at once."""
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return None
+        self.scheduler.finish(live.seq)
+        return self._output(live, [], "", [], FinishReason.CANCELLED)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if (request.prompt is None) == (request.prompt_token_ids is None):
+            raise InvalidRequest("give exactly one of prompt and prompt_token_ids")
+        if request.prompt is not None:
+            ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = list(request.prompt_token_ids)
+            vocab = self.model.spec.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"prompt_token_ids must be integers in [0, {vocab})")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return ids
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one packed forward over every scheduled sequence; returns the new outputs."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        chunks = [_chunk(c) for c in scheduled]
+        inputs = build_step_inputs(chunks, self.kv, self.runner.windows, self.model.device)
+        logits = self.runner.forward(inputs)  # [N, vocab], N = chunks that need logits
+        sampling = []
+        for c, chunk in zip(scheduled, chunks):
+            c.seq.num_computed += c.num_tokens
+            if chunk.needs_logits:
+                sampling.append(c.seq)
+        if self.logits_observer is not None:
+            self.logits_observer([seq.request_id for seq in sampling], logits)
+        tokens, logprobs = sample(logits, [_sample_row(seq) for seq in sampling])
+        return [self._append_token(seq, token, logprob)
+                for seq, token, logprob in zip(sampling, tokens, logprobs)]
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        live = self._live[seq.request_id]
+        now = time.monotonic()
+        seq.first_token_time = seq.first_token_time or now
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        reason = self._finish_reason(seq, token)
+        text = "" if reason in (FinishReason.STOP, FinishReason.EOS) else live.detok.add(token)
+        text, stopped = self._apply_stop_strings(live, text, final=reason is not None)
+        if stopped:
+            reason = FinishReason.STOP
+        new_logprobs = [logprob] if logprob is not None else []
+        if reason is not None:
+            self._live.pop(seq.request_id)
+            self.scheduler.finish(seq)
+        return self._output(live, [token], text, new_logprobs, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if token in self.eos_ids and not params.ignore_eos:
+            return FinishReason.EOS
+        if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _apply_stop_strings(self, live: _Live, text: str, final: bool) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string ended the generation).
+
+        Text that could still become the start of a stop string is held back, so a stream never
+        shows part of a stop string; the stop string itself is never returned.
+        """
+        stops = live.seq.params.stop
+        if not stops:
+            return text, False
+        held = live.pending_text + text
+        found = [held.find(s) for s in stops if s in held]
+        if found:
+            live.pending_text = ""
+            return held[:min(found)], True
+        if final:
+            live.pending_text = ""
+            return held, False
+        keep = max(len(s) for s in stops) - 1
+        cut = max(0, len(held) - keep)
+        live.pending_text = held[cut:]
+        return held[:cut], False
+
+    def _output(self, live: _Live, token_ids: list[int], text: str, logprobs: list[float],
+                reason: str | None) -> RequestOutput:
+        seq = live.seq
+        return RequestOutput(request_id=seq.request_id, new_token_ids=token_ids, new_text=text,
+                             new_logprobs=logprobs, finished=reason is not None,
+                             finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
+                             completion_tokens=len(seq.output_ids))
+
+
+def _chunk(c: ScheduledChunk) -> SeqChunk:
+    seq = c.seq
+    start = seq.num_computed
+    return SeqChunk(token_ids=seq.tokens[start:start + c.num_tokens], start=start,
+                    block_table=seq.block_table, slot=seq.slot,
+                    needs_logits=start + c.num_tokens == seq.num_tokens)
+
+
+def _sample_row(seq: Sequence) -> SampleRow:
+    seen = None
+    if seq.params.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.tokens, dtype=torch.long)
+    return SampleRow(params=seq.params, generator=seq.generator, seen_tokens=seen)
+
+
+def _make_kv_cache(model: LoadedModel, config: EngineConfig) -> KVCache:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = dict(num_layers=cfg.num_hidden_layers, block_size=config.kv_block_size,
+                 kv_heads=cfg.num_key_value_heads, head_dim=head_dim)
+    per_block = KVCache.bytes_per_block(dtype=model.dtype, **shape)
+    num_blocks = config.kv_cache_mb * 2**20 // per_block
+    if num_blocks < 1:
+        raise InvalidRequest(f"--kv-cache-mb {config.kv_cache_mb} holds no KV block "
+                             f"({per_block} bytes each)")
+    return KVCache(num_blocks=num_blocks, dtype=model.dtype, device=model.device, **shape)
+
+
+def _max_model_len(model: LoadedModel, config: EngineConfig, kv: KVCache) -> int:
+    limit = config.max_model_len or getattr(model.config, "max_position_embeddings", 0) or 2048
+    return min(limit, kv.num_blocks * kv.block_size)
+
+
+def _eos_token_ids(model: LoadedModel) -> set[int]:
+    ids = set()
+    generation = getattr(model.hf, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    ids.add(model.tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = None) -> EngineCore:
+    """Loads the configured model, builds the engine and adds the named adapter directories."""
+    from adapters_registry.peft_format import read_peft_adapter
+    from server.model import load_model
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = load_model(config.model, quantize=config.quantize, device=config.device,
+                       dtype=DTYPES[config.dtype])
+    core = EngineCore(model, config)
+    for name, path in (adapters or {}).items():
+        core.add_adapter(name, read_peft_adapter(path, model.spec, name=name,
+                                                 max_rank=config.max_rank))
+    return core

@@ -1,0 +1,98 @@
+"""Multi-LoRA Linear layers: the base layer plus slot tables plus one shared per-step mapping.
+
+After the model is built, `wrap_lora_targets` swaps every target Linear (q, k, v, o, gate, up,
+down) for a `MultiLoraLinear`. Each holds preallocated tables for `max_slots` adapters, padded to
+`max_rank`; an adapter occupies the same slot index in every layer. The token -> slot mapping is
+set ONCE per step on the shared `LoraContext`; the layers only read it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters_registry.peft_format import LoraWeights
+from adapters_registry.spec import TARGET_MODULES, module_path
+from server.lora_op import SlotMapping, lora_apply
+
+
+class LoraContext:
+    """The per-step token -> slot mapping shared by every wrapped layer."""
+
+    def __init__(self):
+        self.mapping = SlotMapping.build(torch.empty(0, dtype=torch.long))
+
+    def set_step(self, token_slots: torch.Tensor) -> None:
+        """token_slots: [T] adapter slot of each packed token, -1 = base model."""
+        self.mapping = SlotMapping.build(token_slots)
+
+
+class MultiLoraLinear(nn.Module):
+    """y = base(x) + scale[s] * B[s] @ (A[s] @ x) for each token's slot s (none for s = -1)."""
+
+    def __init__(self, base: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.in_features = int(base.in_features)
+        self.out_features = int(base.out_features)
+        self.register_buffer("lora_a", torch.zeros(max_slots, max_rank, self.in_features,
+                                                   dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_slots, self.out_features, max_rank,
+                                                   dtype=dtype, device=device), persistent=False)
+        self.register_buffer("scale", torch.zeros(max_slots, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [T, out]
+        mapping = self.context.mapping
+        if mapping.has_lora:
+            lora_apply(y, x, mapping, self.lora_a, self.lora_b, self.scale)
+        return y
+
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Writes one adapter's A: [r, in] and B: [out, r] into `slot`, zero-padding to max rank."""
+        r = a.shape[0]
+        self.reset_lora(slot)
+        self.lora_a[slot, :r].copy_(a)
+        self.lora_b[slot, :, :r].copy_(b)
+        self.scale[slot] = scale
+
+    def reset_lora(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.scale[slot] = 0.0
+
+
+def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
+                      dtype: torch.dtype, device: torch.device
+                      ) -> dict[tuple[int, str], MultiLoraLinear]:
+    """Replaces every target Linear of every decoder layer; returns them by (layer, module)."""
+    wrapped = {}
+    for layer in range(hf.config.num_hidden_layers):
+        for name in TARGET_MODULES:
+            path = module_path(layer, name)
+            parent_path, _, attr = path.rpartition(".")
+            parent = hf.get_submodule(parent_path)
+            module = MultiLoraLinear(getattr(parent, attr), context, max_slots=max_slots,
+                                     max_rank=max_rank, dtype=dtype, device=device)
+            setattr(parent, attr, module)
+            wrapped[(layer, name)] = module
+    return wrapped
+
+
+def write_adapter_to_slot(layers: dict[tuple[int, str], MultiLoraLinear], slot: int,
+                          weights: LoraWeights) -> None:
+    """Loads every module of an adapter into `slot`; modules it does not target are zeroed."""
+    for key, layer in layers.items():
+        module = weights.modules.get(key)
+        if module is None:
+            layer.reset_lora(slot)
+        else:
+            layer.set_lora(slot, module.a, module.b, module.scale)
+
+
+def clear_slot(layers: dict[tuple[int, str], MultiLoraLinear], slot: int) -> None:
+    for layer in layers.values():
+        layer.reset_lora(slot)

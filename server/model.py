@@ -1,0 +1,170 @@
+"""Loading a local Hugging Face Llama-family model, quantized with bitsandbytes.
+
+The model is built by transformers, then transformed: `server.lora_layer.wrap_lora_targets`
+swaps each target Linear for a multi-LoRA wrapper. Our own code only replaces attention (to read
+the paged KV cache); embeddings, norms, rotary embeddings and MLPs stay the HF modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters_registry.spec import TARGET_MODULES, BaseModelSpec, module_path
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# bitsandbytes' 4-bit CPU kernels need these multiples (quantization block / output tiling).
+FOUR_BIT_IN_MULTIPLE = 64
+FOUR_BIT_OUT_MULTIPLE = 32
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be served; the message is one line that says why."""
+
+
+@dataclass
+class LoadedModel:
+    hf: torch.nn.Module  # a *ForCausalLM
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    spec: BaseModelSpec
+    name: str
+    quantize: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def weight_bytes(self) -> int:
+        """Bytes of the base model as served (quantized weights plus their quant state)."""
+        total = sum(p.numel() * p.element_size() for p in self.hf.parameters())
+        total += sum(b.numel() * b.element_size() for b in self.hf.buffers())
+        for module in self.hf.modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is not None:
+                total += state.absmax.numel() * state.absmax.element_size()
+        return total
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "auto",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Loads `model_dir` (config.json, *.safetensors, tokenizer files) for serving."""
+    model_dir = Path(model_dir)
+    config = _read_model_config(model_dir)
+    target = resolve_device(device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub for a local directory
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = _load_tokenizer(AutoTokenizer, model_dir)
+    kwargs = {"dtype": dtype, "trust_remote_code": False, "low_cpu_mem_usage": True,
+              "device_map": {"": str(target)}}
+    if quantize != "none":
+        kwargs["quantization_config"] = _bnb_config(quantize, dtype, config)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except Exception as exc:  # transformers raises many kinds; the user needs one line
+        raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(exc)}") from None
+    hf.eval().requires_grad_(False)
+    return LoadedModel(hf=hf, tokenizer=tokenizer, spec=model_spec(hf), name=model_dir.name,
+                       quantize=quantize, device=target, dtype=dtype)
+
+
+def model_spec(hf: torch.nn.Module) -> BaseModelSpec:
+    """Shapes of the target modules, read from layer 0 (all decoder layers are alike)."""
+    shapes = {}
+    for name in TARGET_MODULES:
+        linear = hf.get_submodule(module_path(0, name))
+        shapes[name] = _linear_in_out(linear)
+    cfg = hf.config
+    return BaseModelSpec(model_type=cfg.model_type, num_layers=cfg.num_hidden_layers,
+                         hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+                         linear_shapes=shapes)
+
+
+def _linear_in_out(linear: torch.nn.Module) -> tuple[int, int]:
+    # bitsandbytes' Linear4bit keeps in/out_features; its weight is packed.
+    return int(linear.in_features), int(linear.out_features)
+
+
+def _read_model_config(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory not found: {model_dir}")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"model type {model_type!r} in {config_file} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights "
+                             "(pickle checkpoints are never loaded)")
+    return config
+
+
+def _load_tokenizer(auto_tokenizer, model_dir: Path):
+    try:
+        return auto_tokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {_first_line(exc)}") from None
+
+
+def _bnb_config(quantize: str, dtype: torch.dtype, config: dict):
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    if quantize not in ("nf4", "fp4"):
+        raise ModelLoadError(f"unknown quantization {quantize!r}")
+    skip = ["lm_head"] + _unquantizable_4bit(config)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+
+
+def _unquantizable_4bit(config: dict) -> list[str]:
+    """Target modules whose shapes bitsandbytes' 4-bit kernels cannot take; they stay unquantized."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    mlp = config["intermediate_size"]
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, mlp),
+              "up_proj": (hidden, mlp), "down_proj": (mlp, hidden)}
+    skip = []
+    for name, (fan_in, fan_out) in shapes.items():
+        if fan_in % FOUR_BIT_IN_MULTIPLE or fan_out % FOUR_BIT_OUT_MULTIPLE:
+            log.warning("%s (%d -> %d) is left unquantized: 4-bit needs in_features %% %d == 0 "
+                        "and out_features %% %d == 0", name, fan_in, fan_out,
+                        FOUR_BIT_IN_MULTIPLE, FOUR_BIT_OUT_MULTIPLE)
+            skip.append(name)
+    return skip
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,179 @@
+"""One packed forward pass over every sequence of a step (prefill chunks and decode tokens mixed).
+
+The T tokens of a step are packed into one row dimension: x: [T, hidden]. The HF modules
+(embeddings, norms, MLPs, the wrapped q/k/v/o Linears) run on [T, ...] as they are; attention is
+ours, because it reads keys and values from the paged KV cache. Sequences with one new token
+(decode) and sequences with several (prefill chunks) form two attention groups, each one batched
+`scaled_dot_product_attention` call per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.kv_cache import KVCache
+from server.lora_layer import LoraContext
+
+
+@dataclass
+class SeqChunk:
+    """The part of one sequence computed in this step."""
+
+    token_ids: list[int]  # tokens to compute now
+    start: int  # position of token_ids[0] in the sequence
+    block_table: list[int]  # KV blocks covering positions 0..start+len(token_ids)-1
+    slot: int  # adapter slot, -1 = base model
+    needs_logits: bool  # True when the chunk ends the known tokens (a new token is sampled)
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together: queries padded to Q, keys gathered from the cache up to L."""
+
+    token_index: torch.Tensor  # [B, Q] rows of the packed step (padding points at row 0)
+    valid: torch.Tensor | None  # [B, Q] bool, None when no query is padding
+    kv_rows: torch.Tensor  # [B, L] cache rows (padding points at row 0, masked)
+    masks: dict  # window (None = full) -> [B, 1, Q, L] bool, True = may attend
+    out_index: torch.Tensor  # [N] packed rows that receive this group's valid outputs
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    token_slots: torch.Tensor  # [T] adapter slot of each token, -1 = base
+    write_rows: torch.Tensor  # [T] KV-cache row receiving each token's key and value
+    groups: list[AttentionGroup]
+    logit_rows: torch.Tensor  # [N] packed rows whose next-token logits are returned
+
+
+def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
+                      device: torch.device) -> StepInputs:
+    """Packs the chunks' tokens and precomputes every index and mask the layers share."""
+    ids, positions, slots, rows, logit_rows = [], [], [], [], []
+    offsets = []
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        offsets.append(len(ids))
+        ids += chunk.token_ids
+        positions += range(chunk.start, chunk.start + n)
+        slots += [chunk.slot] * n
+        rows += kv.rows_of(chunk.block_table, chunk.start, chunk.start + n)
+        if chunk.needs_logits:
+            logit_rows.append(len(ids) - 1)
+    decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    groups = [_attention_group([chunks[i] for i in members], [offsets[i] for i in members],
+                               kv, windows, device)
+              for members in (decode, prefill) if members]
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return StepInputs(input_ids=as_long(ids), positions=as_long(positions),
+                      token_slots=as_long(slots), write_rows=as_long(rows), groups=groups,
+                      logit_rows=as_long(logit_rows))
+
+
+def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, windows: set,
+                     device: torch.device) -> AttentionGroup:
+    q_len = max(len(c.token_ids) for c in chunks)
+    kv_len = max(c.start + len(c.token_ids) for c in chunks)
+    token_index = torch.zeros(len(chunks), q_len, dtype=torch.long)
+    valid = torch.zeros(len(chunks), q_len, dtype=torch.bool)
+    kv_rows = torch.zeros(len(chunks), kv_len, dtype=torch.long)
+    query_pos = torch.zeros(len(chunks), q_len, dtype=torch.long)
+    for b, (chunk, offset) in enumerate(zip(chunks, offsets)):
+        n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
+        token_index[b, :n] = torch.arange(offset, offset + n)
+        valid[b, :n] = True
+        kv_rows[b, :end] = torch.tensor(kv.rows_of(chunk.block_table, 0, end))
+        query_pos[b, :n] = torch.arange(chunk.start, end)
+    key_pos = torch.arange(kv_len)
+    # A query at position p sees keys at positions <= p (causal); this also hides the padding
+    # keys beyond each sequence's end. Padding queries (position 0) see key 0 only, never NaN.
+    causal = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, L]
+    masks = {}
+    for window in windows:
+        mask = causal
+        if window is not None:
+            mask = mask & (query_pos[:, :, None] - key_pos[None, None, :] < window)
+        masks[window] = mask[:, None].to(device)  # [B, 1, Q, L]
+    all_valid = bool(valid.all())
+    return AttentionGroup(token_index=token_index.to(device),
+                          valid=None if all_valid else valid.to(device),
+                          kv_rows=kv_rows.to(device), masks=masks,
+                          out_index=token_index[valid].to(device))
+
+
+class ModelRunner:
+    """Runs packed steps of a HF Llama-family model whose target Linears are LoRA-wrapped."""
+
+    def __init__(self, hf: torch.nn.Module, kv: KVCache, lora: LoraContext):
+        self.hf = hf
+        self.kv = kv
+        self.lora = lora
+        cfg = hf.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layer_windows = layer_windows(cfg)
+        self.windows = set(self.layer_windows)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Runs one step; returns fp32 logits [N, vocab] of the rows in `inputs.logit_rows`."""
+        model = self.hf.model
+        self.lora.set_step(inputs.token_slots)
+        h = model.embed_tokens(inputs.input_ids)  # [T, hidden]
+        cos, sin = model.rotary_emb(h, inputs.positions[None])  # [1, T, head_dim]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
+        for index, layer in enumerate(model.layers):
+            residual = h
+            h = layer.input_layernorm(h)
+            h = residual + self._attention(index, layer.self_attn, h, cos, sin, inputs)
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        last = model.norm(h[inputs.logit_rows])  # [N, hidden]
+        return self.hf.lm_head(last).float()  # [N, vocab]
+
+    def _attention(self, index: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        T = h.shape[0]
+        q = attn.q_proj(h).view(T, self.num_heads, self.head_dim)
+        k = attn.k_proj(h).view(T, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(T, self.num_kv_heads, self.head_dim)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k_cache, v_cache = self.kv.k[index], self.kv.v[index]
+        k_cache.index_copy_(0, inputs.write_rows, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, inputs.write_rows, v.to(v_cache.dtype))
+        out = torch.empty_like(q)  # [T, heads, head_dim]
+        window = self.layer_windows[index]
+        for group in inputs.groups:
+            qg = q[group.token_index].transpose(1, 2)  # [B, heads, Q, D]
+            kg = k_cache[group.kv_rows].transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, D]
+            vg = v_cache[group.kv_rows].transpose(1, 2).to(q.dtype)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.masks[window],
+                                                scale=attn.scaling, enable_gqa=True)
+            og = og.transpose(1, 2)  # [B, Q, heads, D]
+            og = og.reshape(-1, self.num_heads, self.head_dim) if group.valid is None else og[group.valid]
+            out[group.out_index] = og
+        return attn.o_proj(out.view(T, self.num_heads * self.head_dim))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as in HF Llama. x: [T, heads, D]; cos, sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Each layer's sliding attention window (None = full attention), as HF configs state it."""
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    return [window] * cfg.num_hidden_layers

@@ -1,0 +1,127 @@
+"""Per-sequence sampling: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+
+Each sampled sequence draws from its own seeded `torch.Generator`, so a sequence's tokens
+depend only on its own logits and seed, never on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
+class InvalidRequest(ValueError):
+    """A request's input or parameters are invalid; the message says which and why."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None = a fresh random seed per request
+    stop: list[str] = field(default_factory=list)  # generation ends before the first match
+    stop_token_ids: list[int] = field(default_factory=list)
+    repetition_penalty: float = 1.0  # HF/CTRL semantics over prompt and generated tokens
+    logprobs: bool = False  # return the log-probability of each generated token
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be at least 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequest("temperature must be a finite number >= 0")
+        if not (0 < self.top_p <= 1):
+            raise InvalidRequest("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k must be >= 0 (0 = off)")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequest("repetition_penalty must be a finite number > 0")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise InvalidRequest("seed must be in [0, 2**63)")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidRequest(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters")
+        if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs of one sequence."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    seen_tokens: torch.Tensor | None  # [n] prompt + generated ids, for the repetition penalty
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float | None]]:
+    """logits: [N, vocab] fp32, one row per sequence -> (token ids, logprobs or None)."""
+    logits = _apply_repetition_penalty(logits, rows)
+    tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
+    for i, row in enumerate(rows):
+        if not row.params.greedy:
+            tokens[i] = _sample_row(logits[i], row)
+    logprobs: list[float | None] = [None] * len(rows)
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs]
+    if wanted:
+        # Log-probabilities of the model's distribution (after the repetition penalty, before
+        # temperature, top-k and top-p), as OpenAI-style APIs report them.
+        picked = torch.log_softmax(logits[wanted], dim=-1)
+        chosen = torch.tensor([tokens[i] for i in wanted])
+        values = picked.gather(1, chosen[:, None])[:, 0].tolist()
+        for i, value in zip(wanted, values):
+            logprobs[i] = value
+    return tokens, logprobs
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not penalized:
+        return logits
+    logits = logits.clone()
+    for i in penalized:
+        seen = rows[i].seen_tokens
+        penalty = rows[i].params.repetition_penalty
+        values = logits[i, seen]
+        logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
+    """logits: [vocab] -> one token drawn with the row's own generator."""
+    p = row.params
+    scaled = logits / p.temperature
+    if p.top_k > 0 and p.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if p.top_p < 1.0:
+        scaled = _top_p_filter(scaled, p.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keeps the smallest set of most likely tokens whose probabilities sum to >= top_p."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before it
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def make_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator

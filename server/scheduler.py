@@ -1,0 +1,164 @@
+"""Continuous (iteration-level) batching: which sequences run in the next step, and how much.
+
+Each step the scheduler first gives every running sequence its tokens (one for decode, a chunk
+for a prompt still being prefilled), growing its KV blocks; when blocks run out it preempts the
+most recently admitted sequence (its blocks are freed and it is recomputed later). Then it admits
+waiting sequences in arrival order while the step's token budget, the batch size, the free KV
+blocks and the adapter slots allow. A request that does not fit waits; it never fails the batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from server.adapter_slots import AdapterKey, AdapterSlots
+from server.kv_cache import KVCache
+from server.sampler import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterKey | None  # None = base model
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys and values are in the cache
+    slot: int = -1  # adapter slot while running, -1 = base model
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed on
+
+
+class Scheduler:
+    def __init__(self, kv: KVCache, slots: AdapterSlots, *, max_batch_size: int,
+                 max_step_tokens: int):
+        self.kv = kv
+        self.slots = slots
+        self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_step_tokens
+        chunks: list[ScheduledChunk] = []
+        # Decoding sequences first (one token each), then prompts still being prefilled.
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
+            if seq.status is not SeqStatus.RUNNING or budget == 0:
+                continue  # preempted while making room for an earlier one
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n, scheduled=chunks):
+                continue  # seq itself was preempted
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        self._admit(chunks, budget)
+        return chunks
+
+    def finish(self, seq: Sequence) -> None:
+        """Frees a finished or cancelled sequence's blocks and adapter reference at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting.popleft()
+            if seq.adapter is not None:
+                slot = self.slots.acquire(seq.adapter)
+                if slot is None:  # every slot busy with other adapters: let later ones try
+                    skipped.append(seq)
+                    continue
+                seq.slot = slot
+            n = min(seq.num_tokens, budget)
+            blocks = self.kv.blocks_needed(n)
+            if blocks > self.kv.allocator.num_free:  # memory is first come, first served
+                self._release_slot(seq)
+                self.waiting.appendleft(seq)
+                break
+            seq.block_table = self.kv.allocator.allocate(blocks)
+            seq.num_computed = 0
+            seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledChunk]) -> bool:
+        """Gives seq blocks for num_tokens positions, preempting the newest others if needed."""
+        need = self.kv.blocks_needed(num_tokens) - len(seq.block_table)
+        while need > self.kv.allocator.num_free:
+            victim = self._newest_unscheduled(scheduled)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.block_table += self.kv.allocator.allocate(need)
+        return True
+
+    def _newest_unscheduled(self, scheduled: list[ScheduledChunk]) -> Sequence:
+        taken = {id(c.seq) for c in scheduled}
+        return next(s for s in reversed(self.running) if id(s) not in taken)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees seq's blocks and slot; it waits at the head of the queue and is recomputed."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.allocator.free(seq.block_table)
+        seq.block_table = []
+        self._release_slot(seq)
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.adapter is not None and seq.slot >= 0:
+            self.slots.release(seq.adapter)
+        seq.slot = -1

@@ -1,0 +1,138 @@
+"""The engine's output for adapter X equals PEFT's output for adapter X on the same base weights.
+
+PEFT is the reference implementation of LoRA. For every adapter (and the base model) the engine's
+logits match `PeftModel` with that adapter active, and greedy generations are identical token for
+token: each request alone, all interleaved in the same batches, and joining a running batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
+
+NEW_TOKENS = 6
+# Prompts of different lengths (token ids of the tiny model's 512-token vocabulary).
+PROMPTS = [
+    [1, 45, 300, 12, 99, 7, 401, 250, 33],
+    [1, 17, 3, 200],
+    [1] + list(range(60, 80)),
+]
+# Largest |engine - PEFT| / max |PEFT| over a logits row. fp32 without quantization: the same
+# arithmetic in another order. NF4: both sides run the same bitsandbytes kernels; the stated
+# tolerance covers its batch-size dependent tiling.
+TOLERANCE = {"none": 1e-4, "nf4": 1e-3}
+
+
+@pytest.fixture(scope="module", params=["none", "nf4"])
+def quantize(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference(quantize, tiny_model_dir, tiny_adapter_dirs):
+    """PEFT greedy tokens and logits for every (adapter or None, prompt index)."""
+    from peft import PeftModel
+
+    kwargs = {"dtype": torch.float32, "device_map": {"": "cpu"}}
+    if quantize == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=["lm_head"])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), **kwargs).eval()
+    names = list(tiny_adapter_dirs)
+    model = PeftModel.from_pretrained(base, str(tiny_adapter_dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(tiny_adapter_dirs[name]), adapter_name=name)
+    results = {}
+    for adapter in [None] + names:
+        for index, prompt in enumerate(PROMPTS):
+            results[(adapter, index)] = _peft_greedy(model, adapter, prompt)
+    return results
+
+
+def _peft_greedy(model, adapter, prompt):
+    """Greedy decoding with a full forward per token: the plainest possible reference."""
+    ids, rows = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(NEW_TOKENS):
+            if adapter is None:
+                with model.disable_adapter():
+                    logits = model(torch.tensor([ids])).logits[0, -1]
+            else:
+                model.set_adapter(adapter)
+                logits = model(torch.tensor([ids])).logits[0, -1]
+            rows.append(logits.float())
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], rows
+
+
+@pytest.fixture(scope="module")
+def core(quantize, tiny_model_dir, tiny_adapter_dirs):
+    return make_core(tiny_model_dir, tiny_adapter_dirs, quantize=quantize, max_slots=4,
+                     max_rank=64)
+
+
+def _cases(adapter_dirs):
+    return [(adapter, index) for adapter in [None] + list(adapter_dirs)
+            for index in range(len(PROMPTS))]
+
+
+def _request_id(adapter, index):
+    return f"{adapter or 'base'}/{index}"
+
+
+def quantize_of(t): return "none" if t < 5e-4 else "nf4"
+
+def _assert_matches(results, logits, reference, cases, tolerance):
+    for adapter, index in cases:
+        request_id = _request_id(adapter, index)
+        want_tokens, want_rows = reference[(adapter, index)]
+        got_tokens = results[request_id][0]
+        assert got_tokens == want_tokens, f"{request_id}: greedy tokens differ from PEFT"
+        for step, (got, want) in enumerate(zip(logits[request_id], want_rows)):
+            error = float((got - want).abs().max() / want.abs().max())
+            assert error <= tolerance, f"{request_id} step {step}: relative error {error:.2e}"
+            print("ERR", quantize_of(tolerance), request_id, step, error)
+
+
+def test_adapters_change_the_output(reference, tiny_adapter_dirs):
+    """Guards the test itself: each adapter's greedy tokens or logits differ from the base."""
+    for adapter in tiny_adapter_dirs:
+        base_rows = reference[(None, 0)][1]
+        adapter_rows = reference[(adapter, 0)][1]
+        assert float((base_rows[0] - adapter_rows[0]).abs().max()) > 1e-2, adapter
+
+
+def test_each_request_alone_matches_peft(core, reference, quantize, tiny_adapter_dirs):
+    logits = record_logits(core)
+    for adapter, index in _cases(tiny_adapter_dirs):
+        request_id = _request_id(adapter, index)
+        results = run_to_completion(core, {0: [(request_id, greedy_request(
+            PROMPTS[index], adapter, NEW_TOKENS))]})
+        _assert_matches(results, logits, reference, [(adapter, index)], TOLERANCE[quantize])
+
+
+def test_all_adapters_interleaved_in_one_batch_match_peft(core, reference, quantize,
+                                                          tiny_adapter_dirs):
+    logits = record_logits(core)
+    cases = _cases(tiny_adapter_dirs)
+    submissions = {0: [(_request_id(a, i), greedy_request(PROMPTS[i], a, NEW_TOKENS))
+                       for a, i in cases]}
+    results = run_to_completion(core, submissions)
+    _assert_matches(results, logits, reference, cases, TOLERANCE[quantize])
+
+
+def test_requests_joining_a_running_batch_match_peft(core, reference, quantize,
+                                                     tiny_adapter_dirs):
+    """Continuous batching: requests arrive at different steps while others decode."""
+    logits = record_logits(core)
+    cases = _cases(tiny_adapter_dirs)
+    submissions = {}
+    for n, (adapter, index) in enumerate(cases):
+        submissions.setdefault(n % 4, []).append(
+            (_request_id(adapter, index), greedy_request(PROMPTS[index], adapter, NEW_TOKENS)))
+    results = run_to_completion(core, submissions)
+    _assert_matches(results, logits, reference, cases, TOLERANCE[quantize])
