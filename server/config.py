@@ -57,8 +57,8 @@ class EngineConfig:
         default=2048,
         metadata={"help": "Most tokens computed in one step; longer prompts are prefilled "
                           "in chunks."})
-    kv_cache_mb: int = field(
-        default=512,
+    kv_cache_mb: float = field(
+        default=512.0,
         metadata={"help": "Memory reserved for the paged KV cache, in MiB."})
     kv_block_size: int = field(
         default=16,
@@ -75,9 +75,11 @@ class EngineConfig:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ConfigError(f"--quantize must be one of {QUANTIZE_CHOICES}, not {self.quantize!r}")
         for name in ("max_slots", "max_rank", "max_batch_size", "max_step_tokens",
-                     "kv_cache_mb", "kv_block_size"):
+                     "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.kv_cache_mb <= 0:
+            raise ConfigError("--kv-cache-mb must be positive")
         if self.max_step_tokens < self.max_batch_size:
             raise ConfigError("--max-step-tokens must be >= --max-batch-size "
                               "(every running sequence needs one token per step)")

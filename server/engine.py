@@ -275,7 +275,7 @@ def _make_kv_cache(model: LoadedModel, config: EngineConfig) -> KVCache:
     shape = dict(num_layers=cfg.num_hidden_layers, block_size=config.kv_block_size,
                  kv_heads=cfg.num_key_value_heads, head_dim=head_dim)
     per_block = KVCache.bytes_per_block(dtype=model.dtype, **shape)
-    num_blocks = config.kv_cache_mb * 2**20 // per_block
+    num_blocks = int(config.kv_cache_mb * 2**20) // per_block
     if num_blocks < 1:
         raise InvalidRequest(f"--kv-cache-mb {config.kv_cache_mb} holds no KV block "
                              f"({per_block} bytes each)")

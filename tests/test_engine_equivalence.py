@@ -21,9 +21,11 @@ PROMPTS = [
     [1] + list(range(60, 80)),
 ]
 # Largest |engine - PEFT| / max |PEFT| over a logits row. fp32 without quantization: the same
-# arithmetic in another order. NF4: both sides run the same bitsandbytes kernels; the stated
-# tolerance covers its batch-size dependent tiling.
-TOLERANCE = {"none": 1e-4, "nf4": 1e-3}
+# arithmetic in another order (observed <= 3e-6). NF4: both sides run the same quantized weights
+# through bitsandbytes' CPU 4-bit kernel, which rounds its input and output to bf16 (relative step
+# 2**-8 = 3.9e-3); inputs that differ only by fp32 rounding order can land one bf16 step apart, so
+# the tolerance is one such step (observed <= 1.2e-3). Greedy tokens must be identical in both.
+TOLERANCE = {"none": 1e-4, "nf4": 4e-3}
 
 
 @pytest.fixture(scope="module", params=["none", "nf4"])

@@ -1,0 +1,525 @@
+"""Core engine benchmark: one NF4 base model, 32 rank-16 adapters, four ways to serve them.
+
+On a SmolLM2-135M-shaped Llama (random weights, NF4, fp32 compute, 2 CPU threads), the same 32
+prompts (32 tokens each, 64 new tokens, greedy, EOS ignored) run through:
+
+  (a)      HF `generate`, static batch of 32, base only
+  (b)      PEFT mixed batch, `generate(adapter_names=...)`, a different adapter per sequence
+  (c)      loraplex EngineCore, base only
+  (d)      loraplex EngineCore, a different adapter per sequence (slot tables in --lora-dtype)
+  (d-bf16) as (d) with bfloat16 slot tables (only when --lora-dtype is float32)
+
+Each config gets one short warm-up, then --repeats interleaved timed rounds. Throughput is
+generated tokens / wall time from submission to the last token, prefill included, the same way
+for all. Targets: (c) >= 1.0 x (a), (d) >= 0.80 x (c), (d) >= 3 x (b). Writes a Markdown report.
+
+    ./dev bench [--quick] [--lora-dtype bfloat16] [--repeats N] [--profile on|off|auto] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import gc
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from server.demo import ALL_LINEAR_MODULES, SMOLLM2_135M_SHAPE, default_cache_dir  # noqa: E402
+from server.demo import write_llama_model, write_lora_adapter  # noqa: E402
+
+THREADS = 2
+NUM_PROMPTS = 32
+PROMPT_LEN = 32
+NEW_TOKENS = 64
+QUICK_NEW_TOKENS = 16
+WARMUP_TOKENS = 4
+RANK = 16
+LORA_ALPHA = 32
+PROMPT_SEED = 0
+BENCH_VERSION = "v1"
+"""Bump when the benchmark's model or adapters change, so older caches are not reused."""
+
+TARGETS = (("c", "a", 1.0), ("d", "c", 0.80), ("d", "b", 3.0))
+"""(config, reference, minimum ratio of their tokens/s)."""
+
+DEFAULT_OUT = Path("benchmarks/reports/core_engine.md")
+QUICK_OUT = Path("benchmarks/reports/core_engine-quick.md")
+
+
+@dataclass
+class Run:
+    tokens: list[list[int]]  # [NUM_PROMPTS][new tokens]
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(row) for row in self.tokens)
+
+    @property
+    def tok_s(self) -> float:
+        return self.num_tokens / self.seconds
+
+
+@dataclass
+class Config:
+    key: str
+    label: str
+    run: Callable[[int], Run]  # new tokens per sequence -> Run
+    lm_head: torch.nn.Module  # the output layer the run uses (its time is a profile section)
+
+
+class Log:
+    """Progress lines on stdout, each with the time since the benchmark started."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
+
+
+# ---- assets -------------------------------------------------------------------------------
+
+
+def build_assets(root: Path, log: Log) -> tuple[Path, dict[str, Path]]:
+    """The 135M-shaped model and NUM_PROMPTS rank-16 adapters under `root/bench/`, built once."""
+    final = root.expanduser().absolute() / "bench" / BENCH_VERSION
+    names = [f"r{RANK}-{i:02d}" for i in range(NUM_PROMPTS)]
+    if not (final / "complete").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
+        log(f"building the benchmark model and {len(names)} adapters in {final} (once)")
+        try:
+            _write_assets(tmp, final, names, log)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not (final / "complete").is_file():  # not a concurrent builder: a real error
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "model", {name: final / "adapters" / name for name in names}
+
+
+def _write_assets(tmp: Path, final: Path, names: list[str], log: Log) -> None:
+    def every_tenth_layer(line: str) -> None:
+        if line.split("/")[0].endswith("0"):
+            log(line)
+
+    write_llama_model(tmp / "model", **SMOLLM2_135M_SHAPE, seed=0, progress=every_tenth_layer)
+    for seed, name in enumerate(names, start=1):
+        write_lora_adapter(tmp / "adapters" / name, base_model_dir=tmp / "model", r=RANK,
+                           lora_alpha=LORA_ALPHA, target_modules=ALL_LINEAR_MODULES, seed=seed,
+                           base_model_name_or_path=str(final / "model"))
+    log(f"{len(names)} adapters written")
+    (tmp / "complete").write_text("")
+
+
+def make_prompts() -> torch.Tensor:
+    """[NUM_PROMPTS, PROMPT_LEN] token ids in [5, 500), the same on every run."""
+    generator = torch.Generator().manual_seed(PROMPT_SEED)
+    return torch.randint(5, 500, (NUM_PROMPTS, PROMPT_LEN), generator=generator)
+
+
+# ---- the four configs ---------------------------------------------------------------------
+
+
+def load_hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant,
+                                                 dtype=torch.float32, device_map={"": "cpu"})
+    # EOS ignored like loraplex's ignore_eos: not just forbidden (min_new_tokens masks it out of
+    # the logits, which would change greedy tokens wherever EOS is the argmax).
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def load_peft(model_dir: Path, adapters: dict[str, Path]):
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(load_hf(model_dir), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+def load_core(model_dir: Path, adapters: dict[str, Path], lora_dtype: str):
+    from server.config import EngineConfig
+    from server.engine import load_engine_core
+
+    config = EngineConfig(model=model_dir, quantize="nf4", device="cpu", threads=THREADS,
+                          max_slots=NUM_PROMPTS, max_rank=RANK, lora_dtype=lora_dtype,
+                          kv_cache_mb=256)
+    config.validate()
+    return load_engine_core(config, {name: str(path) for name, path in adapters.items()})
+
+
+def generate_hf(model, prompts: torch.Tensor, new_tokens: int,
+                adapter_names: list[str] | None = None) -> Run:
+    """(a) and (b): one static-batch `generate` call."""
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, **extra)
+    seconds = time.perf_counter() - start
+    return Run(out[:, prompts.shape[1]:].tolist(), seconds)
+
+
+def generate_loraplex(core, prompts: torch.Tensor, new_tokens: int,
+                      adapter_ids: list[str | None]) -> Run:
+    """(c) and (d): submit every request, then step the engine until it is idle."""
+    from server.engine import GenerationRequest
+    from server.sampler import SamplingParams
+
+    start = time.perf_counter()
+    ids = [core.add_request(GenerationRequest(
+               prompt_token_ids=row, adapter_id=adapter,
+               params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
+           for row, adapter in zip(prompts.tolist(), adapter_ids)]
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    while core.has_work():
+        for out in core.step():
+            tokens[out.request_id] += out.new_token_ids
+    seconds = time.perf_counter() - start
+    return Run([tokens[request_id] for request_id in ids], seconds)
+
+
+def load_configs(model_dir: Path, adapters: dict[str, Path], lora_dtype: str,
+                 log: Log) -> list[Config]:
+    prompts = make_prompts()
+    names = list(adapters)
+    log("loading (a) HF NF4 model")
+    hf = load_hf(model_dir)
+    log(f"loading (b) HF NF4 model + PEFT with {len(names)} adapters")
+    peft = load_peft(model_dir, adapters)
+    log(f"loading (c)/(d) loraplex engine, {lora_dtype} slot tables")
+    core = load_core(model_dir, adapters, lora_dtype)
+    configs = [
+        Config("a", "HF generate, static batch of 32, base only",
+               lambda n: generate_hf(hf, prompts, n), hf.lm_head),
+        Config("b", f"PEFT mixed batch generate(adapter_names=...), {len(names)} adapters",
+               lambda n: generate_hf(peft, prompts, n, names), peft.get_output_embeddings()),
+        Config("c", "loraplex, base only",
+               lambda n: generate_loraplex(core, prompts, n, [None] * NUM_PROMPTS),
+               core.model.hf.lm_head),
+        Config("d", f"loraplex, {len(names)} adapters ({lora_dtype} slot tables)",
+               lambda n: generate_loraplex(core, prompts, n, names), core.model.hf.lm_head),
+    ]
+    if lora_dtype == "float32":
+        log("loading (d-bf16) loraplex engine, bfloat16 slot tables")
+        core_bf16 = load_core(model_dir, adapters, "bfloat16")
+        configs.append(Config("d-bf16", f"loraplex, {len(names)} adapters (bfloat16 slot tables)",
+                              lambda n: generate_loraplex(core_bf16, prompts, n, names),
+                              core_bf16.model.hf.lm_head))
+    return configs
+
+
+# ---- measuring ----------------------------------------------------------------------------
+
+
+def measure(configs: list[Config], new_tokens: int, repeats: int, log: Log) -> dict[str, list[Run]]:
+    """One warm-up per config (loads the adapters into their slots), then interleaved rounds."""
+    for config in configs:
+        log(f"warm-up ({config.key}) {config.label}, {WARMUP_TOKENS} new tokens")
+        config.run(WARMUP_TOKENS)
+    runs: dict[str, list[Run]] = defaultdict(list)
+    for round_index in range(1, repeats + 1):
+        for config in configs:
+            log(f"round {round_index}/{repeats} ({config.key}) {config.label} ...")
+            gc.collect()
+            run = config.run(new_tokens)
+            runs[config.key].append(run)
+            log(f"round {round_index}/{repeats} ({config.key}) {run.num_tokens} tokens in "
+                f"{run.seconds:.2f} s = {run.tok_s:.1f} tok/s")
+    return runs
+
+
+def work_problems(runs: dict[str, list[Run]], new_tokens: int) -> list[str]:
+    """Every run must have produced NUM_PROMPTS x new_tokens tokens; returns what did not."""
+    return [f"({key}) run {i + 1}: {sorted({len(row) for row in run.tokens})} tokens per row in "
+            f"{len(run.tokens)} rows"
+            for key, key_runs in runs.items() for i, run in enumerate(key_runs)
+            if len(run.tokens) != NUM_PROMPTS or any(len(row) != new_tokens for row in run.tokens)]
+
+
+def token_agreement(x: Run, y: Run) -> str:
+    """How many rows have identical greedy tokens, and where the others first diverge."""
+    same = sum(a == b for a, b in zip(x.tokens, y.tokens))
+    first = sorted(next(i for i, (s, t) in enumerate(zip(a, b)) if s != t)
+                   for a, b in zip(x.tokens, y.tokens) if a != b)
+    where = f"; the others first differ at token {', '.join(map(str, first))}" if first else ""
+    return f"{same}/{len(x.tokens)} rows identical{where}"
+
+
+def ratio(runs: dict[str, list[Run]], key: str, ref: str, stat: Callable) -> float:
+    return stat([r.tok_s for r in runs[key]]) / stat([r.tok_s for r in runs[ref]])
+
+
+def missed(runs: dict[str, list[Run]]) -> bool:
+    return any(ratio(runs, key, ref, max) < target for key, ref, target in TARGETS)
+
+
+# ---- profile ------------------------------------------------------------------------------
+
+
+class Sections:
+    """Exclusive wall time per named section: a call's time minus the sections nested in it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._children: list[float] = []
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            self._children.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[name] += elapsed - self._children.pop()
+                if self._children:
+                    self._children[-1] += elapsed
+
+        return timed
+
+
+def _section_targets(lm_head: torch.nn.Module) -> list[tuple[str, object, str]]:
+    """(section, owner, attribute) of every function the profile times."""
+    import bitsandbytes as bnb
+    import peft.tuners.lora.bnb as peft_bnb
+    from transformers.models.llama import modeling_llama
+
+    import server.engine
+    import server.lora_layer
+    import server.model_step
+    import server.scheduler
+
+    model_rest = "model rest: embeddings, norms, MLP act, residuals"
+    return [
+        ("base NF4 linears (bnb Linear4bit)", bnb.nn.Linear4bit, "forward"),
+        ("LoRA op (loraplex lora_apply)", server.lora_layer, "lora_apply"),
+        ("LoRA slot mapping (SlotMapping.build, once per step)", server.lora_layer.LoraContext,
+         "set_step"),
+        ("LoRA (PEFT mixed-batch layers)", peft_bnb.Linear4bit, "forward"),
+        ("attention (without q/k/v/o projections)", server.model_step.ModelRunner, "_attention"),
+        ("attention (without q/k/v/o projections)", modeling_llama.LlamaAttention, "forward"),
+        ("lm_head", lm_head, "forward"),
+        (model_rest, server.model_step.ModelRunner, "forward"),
+        (model_rest, modeling_llama.LlamaForCausalLM, "forward"),
+        ("step inputs (packing, indices, masks)", server.engine, "build_step_inputs"),
+        ("scheduler", server.scheduler.Scheduler, "schedule"),
+        ("sampling", server.engine, "sample"),
+        ("engine step rest (python)", server.engine.EngineCore, "step"),
+    ]
+
+
+def profile_sections(config: Config, new_tokens: int) -> tuple[Run, dict[str, float]]:
+    """Runs `config` once with its hot functions timed; returns the run and seconds by section."""
+    sections = Sections()
+    with contextlib.ExitStack() as stack:
+        for name, owner, attr in _section_targets(config.lm_head):
+            stack.enter_context(mock.patch.object(owner, attr, sections.wrap(name, getattr(owner, attr))))
+        run = config.run(new_tokens)
+    times = dict(sections.seconds)
+    times["rest: generate / driver loop"] = run.seconds - sum(times.values())
+    return run, times
+
+
+def profile(configs: list[Config], new_tokens: int, log: Log) -> str:
+    """Markdown: per-step time by section for every config, and torch.profiler's top ops for (d)."""
+    results = {}
+    for config in configs:
+        log(f"profile ({config.key}) {config.label} ...")
+        results[config.key] = profile_sections(config, new_tokens)
+    d = next(c for c in configs if c.key == "d")
+    log("torch.profiler (d) ...")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        d.run(new_tokens)
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=45)
+    print(ops, flush=True)
+    return _profile_markdown(results, new_tokens, ops)
+
+
+def _profile_markdown(results: dict[str, tuple[Run, dict[str, float]]], new_tokens: int,
+                      ops: str) -> str:
+    keys = list(results)
+    names = sorted({name for _, times in results.values() for name in times},
+                   key=lambda name: -max(times.get(name, 0.0) for _, times in results.values()))
+    lines = [f"Wall time per step (= per generated token of the batch; {new_tokens} steps, prefill "
+             "included) by section, exclusive of the sections nested in it. One timed run each; "
+             "the timers add a little overhead.", "",
+             "| section | " + " | ".join(f"({k}) ms/step" for k in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for name in names:
+        cells = [results[k][1].get(name, 0.0) * 1e3 / new_tokens for k in keys]
+        if max(cells) >= 0.05:
+            lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" if v else "" for v in cells) + " |")
+    lines.append("| **total** | " + " | ".join(
+        f"**{results[k][0].seconds * 1e3 / new_tokens:.1f}**" for k in keys) + " |")
+    lines += ["", *_profile_deltas(results, new_tokens), "",
+              "torch.profiler, one (d) run, top ops by self CPU time:", "", "```", ops.rstrip(), "```"]
+    return "\n".join(lines)
+
+
+def _profile_deltas(results: dict[str, tuple[Run, dict[str, float]]], new_tokens: int) -> list[str]:
+    """Where the step time of one config differs from its target's reference, largest first."""
+    lines = []
+    for key, ref, _ in TARGETS:
+        if key not in results or ref not in results:
+            continue
+        (run, times), (ref_run, ref_times) = results[key], results[ref]
+        diff = {name: (times.get(name, 0.0) - ref_times.get(name, 0.0)) * 1e3 / new_tokens
+                for name in set(times) | set(ref_times)}
+        top = sorted(diff.items(), key=lambda item: -abs(item[1]))[:4]
+        total = (run.seconds - ref_run.seconds) * 1e3 / new_tokens
+        lines.append(f"- ({key}) vs ({ref}): {total:+.1f} ms/step; largest differences: "
+                     + ", ".join(f"{name} {value:+.1f}" for name, value in top))
+    return lines
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                   if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    return {"CPU": cpu, "cores available": str(len(os.sched_getaffinity(0))),
+            "torch threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def report(configs: list[Config], runs: dict[str, list[Run]], new_tokens: int, command: str,
+           problems: list[str], profile_md: str | None) -> str:
+    labels = {c.key: c.label for c in configs}
+    vs = _vs_targets(runs)
+    lines = ["# Core engine benchmark", "",
+             f"SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, "
+             f"vocab 49152, random weights), NF4 base, fp32 compute, {THREADS} CPU threads. "
+             f"{NUM_PROMPTS} prompts of {PROMPT_LEN} random tokens, {new_tokens} new tokens each, "
+             f"greedy, EOS ignored; adapters rank {RANK}, alpha {LORA_ALPHA}, on all 7 linear "
+             f"modules. Throughput = {NUM_PROMPTS}x{new_tokens} generated tokens / wall time from "
+             "submission to the last token (prefill included); one warm-up per config (adapters "
+             "already in their slots), then the configs run interleaved, "
+             f"{len(next(iter(runs.values())))} times each.", "",
+             "| config | | tok/s best | tok/s median | vs target |", "|---|---|---:|---:|---|"]
+    for key, key_runs in runs.items():
+        rates = [r.tok_s for r in key_runs]
+        lines.append(f"| ({key}) | {labels[key]} | {max(rates):.1f} | {statistics.median(rates):.1f}"
+                     f" | {vs.get(key, 'reference')} |")
+    lines += ["", "## Targets", ""]
+    for key, ref, target in TARGETS:
+        best, median = ratio(runs, key, ref, max), ratio(runs, key, ref, statistics.median)
+        verdict = "PASS" if best >= target else f"MISS by {(1 - best / target) * 100:.0f}%"
+        lines.append(f"- ({key}) / ({ref}) = **{best:.2f}** (median {median:.2f}), target >= "
+                     f"{target:.2f}: **{verdict}**")
+    if "d-bf16" in runs:
+        lines.append(f"- extra: (d-bf16) / (c) = {ratio(runs, 'd-bf16', 'c', max):.2f}, "
+                     f"(d-bf16) / (b) = {ratio(runs, 'd-bf16', 'b', max):.2f}")
+    lines += ["", "## Checks", "",
+              "- equal work: " + ("every run produced "
+                                  f"{NUM_PROMPTS}x{new_tokens} tokens" if not problems
+                                  else "**NO**: " + "; ".join(problems)),
+              f"- (c) vs (a) greedy tokens: {token_agreement(runs['c'][0], runs['a'][0])}",
+              f"- (d) vs (b) greedy tokens: {token_agreement(runs['d'][0], runs['b'][0])}"]
+    if "d-bf16" in runs:
+        lines.append(f"- (d-bf16) vs (b) greedy tokens: "
+                     f"{token_agreement(runs['d-bf16'][0], runs['b'][0])}")
+    lines += ["", "(bitsandbytes' CPU NF4 kernel computes in bf16, and the engines pack and "
+              "attend differently, so a near-tie can flip a greedy token and the row diverges "
+              "from there.)", "", "## Machine", ""]
+    lines += [f"- {name}: {value}" for name, value in machine().items()]
+    lines += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+              "## Command", "", f"```\n{command}\n```"]
+    if profile_md:
+        lines += ["", "## What the profile shows", "", profile_md]
+    return "\n".join(lines) + "\n"
+
+
+def _vs_targets(runs: dict[str, list[Run]]) -> dict[str, str]:
+    notes: dict[str, list[str]] = defaultdict(list)
+    for key, ref, target in TARGETS:
+        notes[key].append(f"{ratio(runs, key, ref, max):.2f}x ({ref}), target >= {target:.2f}")
+    return {key: "; ".join(parts) for key, parts in notes.items()}
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke check: {QUICK_NEW_TOKENS} new tokens instead of {NEW_TOKENS}; "
+                             f"writes {QUICK_OUT} unless --out is given")
+    parser.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="loraplex slot-table dtype for (d); with float32, (d-bf16) runs too")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per config (>= 2)")
+    parser.add_argument("--profile", nargs="?", const="on", default="auto",
+                        choices=("on", "off", "auto"),
+                        help="profile every config once after timing; auto = when a target is "
+                             "missed (not with --quick)")
+    parser.add_argument("--out", type=Path, default=None, help=f"report path (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (best and median)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = "./dev bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    new_tokens = QUICK_NEW_TOKENS if args.quick else NEW_TOKENS
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    torch.set_num_threads(THREADS)
+    log = Log()
+    model_dir, adapters = build_assets(default_cache_dir(), log)
+    configs = load_configs(model_dir, adapters, args.lora_dtype, log)
+    runs = measure(configs, new_tokens, args.repeats, log)
+    problems = work_problems(runs, new_tokens)
+    for problem in problems:
+        log(f"UNEQUAL WORK: {problem}")
+    run_profile = args.profile == "on" or (args.profile == "auto" and not args.quick and missed(runs))
+    profile_md = profile(configs, new_tokens, log) if run_profile else None
+    text = report(configs, runs, new_tokens, command, problems, profile_md)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text, flush=True)
+    log(f"report written to {out}")
+
+
+if __name__ == "__main__":
+    main()
