@@ -1,8 +1,9 @@
 """Paged KV cache: fixed-size blocks of token positions, handed out to sequences on demand.
 
-Every layer's cache is one flat tensor of `num_blocks * block_size` token rows; a sequence owns a
-list of blocks (its block table), and token i of the sequence lives at row
-`block_table[i // block_size] * block_size + i % block_size` in every layer.
+A sequence owns a list of blocks (its block table); token i of the sequence lives at row
+`block_table[i // block_size] * block_size + i % block_size` of every layer's cache. The cache is
+head-major, k[layer]: [kv_heads, num_blocks * block_size, head_dim], so reading a sequence's
+context copies whole contiguous [block_size, head_dim] runs per head.
 """
 
 from __future__ import annotations
@@ -35,18 +36,35 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Key and value tensors of all layers. k[layer]: [num_blocks * block_size, kv_heads, head_dim]."""
+    """Key and value tensors of all layers. k[layer]: [kv_heads, num_blocks * block_size, head_dim]."""
 
     def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
         rows = num_blocks * block_size
-        self.k = [torch.zeros(rows, kv_heads, head_dim, dtype=dtype, device=device)
+        self.k = [torch.zeros(kv_heads, rows, head_dim, dtype=dtype, device=device)
                   for _ in range(num_layers)]
-        self.v = [torch.zeros(rows, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = [torch.zeros(kv_heads, rows, head_dim, dtype=dtype, device=device)
                   for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores new keys and values. rows: [T] cache rows; k, v: [T, kv_heads, head_dim]."""
+        self.k[layer].index_copy_(1, rows, k.transpose(0, 1).to(self.k[layer].dtype))
+        self.v[layer].index_copy_(1, rows, v.transpose(0, 1).to(self.v[layer].dtype))
+
+    def read(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contexts of B sequences. block_tables: [B, n] -> k, v: [B, kv_heads, n * block_size, D]."""
+        batch, n = block_tables.shape
+        index = block_tables.reshape(-1)
+        shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
+        out = (self.kv_heads, batch, n * self.block_size, self.head_dim)
+        k = self.k[layer].view(shape).index_select(1, index).view(out).transpose(0, 1)
+        v = self.v[layer].view(shape).index_select(1, index).view(out).transpose(0, 1)
+        return k, v
 
     @staticmethod
     def bytes_per_block(*, num_layers: int, block_size: int, kv_heads: int, head_dim: int,

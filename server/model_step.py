@@ -31,13 +31,14 @@ class SeqChunk:
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together: queries padded to Q, keys gathered from the cache up to L."""
+    """Sequences attended together: queries padded to Q, contexts read from the cache in blocks."""
 
-    token_index: torch.Tensor  # [B, Q] rows of the packed step (padding points at row 0)
+    token_index: torch.Tensor  # [B, Q] packed rows of the queries (padding points at row 0)
     valid: torch.Tensor | None  # [B, Q] bool, None when no query is padding
-    kv_rows: torch.Tensor  # [B, L] cache rows (padding points at row 0, masked)
-    masks: dict  # window (None = full) -> [B, 1, Q, L] bool, True = may attend
-    out_index: torch.Tensor  # [N] packed rows that receive this group's valid outputs
+    block_tables: torch.Tensor  # [B, n] KV blocks (padding points at block 0, masked)
+    masks: dict  # window (None = full) -> [B, 1, Q, n * block_size] bool, True = may attend
+    out_index: torch.Tensor  # [N] packed rows receiving the valid outputs
+    rows: slice | None  # the same rows as a slice, when they are contiguous and unpadded
 
 
 @dataclass
@@ -78,18 +79,17 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
 def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, windows: set,
                      device: torch.device) -> AttentionGroup:
     q_len = max(len(c.token_ids) for c in chunks)
-    kv_len = max(c.start + len(c.token_ids) for c in chunks)
-    token_index = torch.zeros(len(chunks), q_len, dtype=torch.long)
-    valid = torch.zeros(len(chunks), q_len, dtype=torch.bool)
-    kv_rows = torch.zeros(len(chunks), kv_len, dtype=torch.long)
-    query_pos = torch.zeros(len(chunks), q_len, dtype=torch.long)
-    for b, (chunk, offset) in enumerate(zip(chunks, offsets)):
-        n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
-        token_index[b, :n] = torch.arange(offset, offset + n)
-        valid[b, :n] = True
-        kv_rows[b, :end] = torch.tensor(kv.rows_of(chunk.block_table, 0, end))
-        query_pos[b, :n] = torch.arange(chunk.start, end)
-    key_pos = torch.arange(kv_len)
+    num_blocks = max(kv.blocks_needed(c.start + len(c.token_ids)) for c in chunks)
+    token_index, query_pos, valid, tables = [], [], [], []
+    for chunk, offset in zip(chunks, offsets):
+        n, pad = len(chunk.token_ids), q_len - len(chunk.token_ids)
+        token_index.append(list(range(offset, offset + n)) + [0] * pad)
+        query_pos.append(list(range(chunk.start, chunk.start + n)) + [0] * pad)
+        valid.append([True] * n + [False] * pad)
+        used = chunk.block_table[:kv.blocks_needed(chunk.start + n)]
+        tables.append(used + [0] * (num_blocks - len(used)))
+    query_pos = torch.tensor(query_pos)  # [B, Q]
+    key_pos = torch.arange(num_blocks * kv.block_size)  # [L]
     # A query at position p sees keys at positions <= p (causal); this also hides the padding
     # keys beyond each sequence's end. Padding queries (position 0) see key 0 only, never NaN.
     causal = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, L]
@@ -99,11 +99,15 @@ def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, wi
         if window is not None:
             mask = mask & (query_pos[:, :, None] - key_pos[None, None, :] < window)
         masks[window] = mask[:, None].to(device)  # [B, 1, Q, L]
-    all_valid = bool(valid.all())
-    return AttentionGroup(token_index=token_index.to(device),
-                          valid=None if all_valid else valid.to(device),
-                          kv_rows=kv_rows.to(device), masks=masks,
-                          out_index=token_index[valid].to(device))
+    flat = [t for row, ok in zip(token_index, valid) for t, v in zip(row, ok) if v]
+    padded = not all(all(row) for row in valid)
+    contiguous = not padded and flat == list(range(flat[0], flat[0] + len(flat)))
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return AttentionGroup(
+        token_index=as_long(token_index),
+        valid=torch.tensor(valid, device=device) if padded else None,
+        block_tables=as_long(tables), masks=masks, out_index=as_long(flat),
+        rows=slice(flat[0], flat[0] + len(flat)) if contiguous else None)
 
 
 class ModelRunner:
@@ -144,20 +148,27 @@ class ModelRunner:
         k = attn.k_proj(h).view(T, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(h).view(T, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        k_cache, v_cache = self.kv.k[index], self.kv.v[index]
-        k_cache.index_copy_(0, inputs.write_rows, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, inputs.write_rows, v.to(v_cache.dtype))
-        out = torch.empty_like(q)  # [T, heads, head_dim]
+        self.kv.write(index, inputs.write_rows, k, v)
         window = self.layer_windows[index]
+        out = None if len(inputs.groups) == 1 else torch.empty_like(q)  # [T, heads, D]
         for group in inputs.groups:
-            qg = q[group.token_index].transpose(1, 2)  # [B, heads, Q, D]
-            kg = k_cache[group.kv_rows].transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, D]
-            vg = v_cache[group.kv_rows].transpose(1, 2).to(q.dtype)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.masks[window],
-                                                scale=attn.scaling, enable_gqa=True)
+            B, Q = group.token_index.shape
+            if group.rows is not None:
+                qg = q[group.rows].view(B, Q, self.num_heads, self.head_dim)
+            else:
+                qg = q[group.token_index]  # [B, Q, heads, D]
+            kg, vg = self.kv.read(index, group.block_tables)  # [B, kv_heads, L, D]
+            og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.to(q.dtype), vg.to(q.dtype),
+                                                attn_mask=group.masks[window], scale=attn.scaling,
+                                                enable_gqa=True)
             og = og.transpose(1, 2)  # [B, Q, heads, D]
-            og = og.reshape(-1, self.num_heads, self.head_dim) if group.valid is None else og[group.valid]
-            out[group.out_index] = og
+            og = og.reshape(B * Q, self.num_heads, self.head_dim) if group.valid is None else og[group.valid]
+            if out is None:  # one group holds every row of the step, in order
+                out = og
+            elif group.rows is not None:
+                out[group.rows] = og
+            else:
+                out[group.out_index] = og
         return attn.o_proj(out.view(T, self.num_heads * self.head_dim))
 
 
