@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import hashlib
 import os
 import platform
 import shlex
@@ -67,7 +68,8 @@ QUICK_OUT = Path("benchmarks/reports/core_engine-quick.md")
 @dataclass
 class Run:
     tokens: list[list[int]]  # [NUM_PROMPTS][new tokens]
-    seconds: float
+    seconds: float  # wall time
+    cpu_seconds: float  # this process's CPU time, all threads: ~THREADS x seconds when not contended
 
     @property
     def num_tokens(self) -> int:
@@ -82,8 +84,15 @@ class Run:
 class Config:
     key: str
     label: str
-    run: Callable[[int], Run]  # new tokens per sequence -> Run
+    generate: Callable[[int], list[list[int]]]  # new tokens per sequence -> tokens per sequence
     lm_head: torch.nn.Module  # the output layer the run uses (its time is a profile section)
+
+
+def run_config(config: Config, new_tokens: int) -> Run:
+    """One timed run: submission to the last token, prefill included."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    tokens = config.generate(new_tokens)
+    return Run(tokens, time.perf_counter() - wall, time.process_time() - cpu)
 
 
 class Log:
@@ -177,25 +186,22 @@ def load_core(model_dir: Path, adapters: dict[str, Path], lora_dtype: str):
 
 
 def generate_hf(model, prompts: torch.Tensor, new_tokens: int,
-                adapter_names: list[str] | None = None) -> Run:
+                adapter_names: list[str] | None = None) -> list[list[int]]:
     """(a) and (b): one static-batch `generate` call."""
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}
-    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, **extra)
-    seconds = time.perf_counter() - start
-    return Run(out[:, prompts.shape[1]:].tolist(), seconds)
+    return out[:, prompts.shape[1]:].tolist()
 
 
 def generate_loraplex(core, prompts: torch.Tensor, new_tokens: int,
-                      adapter_ids: list[str | None]) -> Run:
+                      adapter_ids: list[str | None]) -> list[list[int]]:
     """(c) and (d): submit every request, then step the engine until it is idle."""
     from server.engine import GenerationRequest
     from server.sampler import SamplingParams
 
-    start = time.perf_counter()
     ids = [core.add_request(GenerationRequest(
                prompt_token_ids=row, adapter_id=adapter,
                params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)))
@@ -204,8 +210,7 @@ def generate_loraplex(core, prompts: torch.Tensor, new_tokens: int,
     while core.has_work():
         for out in core.step():
             tokens[out.request_id] += out.new_token_ids
-    seconds = time.perf_counter() - start
-    return Run([tokens[request_id] for request_id in ids], seconds)
+    return [tokens[request_id] for request_id in ids]
 
 
 def load_configs(model_dir: Path, adapters: dict[str, Path], lora_dtype: str,
@@ -245,16 +250,17 @@ def measure(configs: list[Config], new_tokens: int, repeats: int, log: Log) -> d
     """One warm-up per config (loads the adapters into their slots), then interleaved rounds."""
     for config in configs:
         log(f"warm-up ({config.key}) {config.label}, {WARMUP_TOKENS} new tokens")
-        config.run(WARMUP_TOKENS)
+        config.generate(WARMUP_TOKENS)
     runs: dict[str, list[Run]] = defaultdict(list)
     for round_index in range(1, repeats + 1):
         for config in configs:
             log(f"round {round_index}/{repeats} ({config.key}) {config.label} ...")
             gc.collect()
-            run = config.run(new_tokens)
+            run = run_config(config, new_tokens)
             runs[config.key].append(run)
             log(f"round {round_index}/{repeats} ({config.key}) {run.num_tokens} tokens in "
-                f"{run.seconds:.2f} s = {run.tok_s:.1f} tok/s")
+                f"{run.seconds:.2f} s = {run.tok_s:.1f} tok/s, CPU busy {run.cpu_seconds / run.seconds:.2f} "
+                f"of {THREADS} threads, load average {os.getloadavg()[0]:.2f}")
     return runs
 
 
@@ -345,7 +351,7 @@ def profile_sections(config: Config, new_tokens: int) -> tuple[Run, dict[str, fl
     with contextlib.ExitStack() as stack:
         for name, owner, attr in _section_targets(config.lm_head):
             stack.enter_context(mock.patch.object(owner, attr, sections.wrap(name, getattr(owner, attr))))
-        run = config.run(new_tokens)
+        run = run_config(config, new_tokens)
     times = dict(sections.seconds)
     times["rest: generate / driver loop"] = run.seconds - sum(times.values())
     return run, times
@@ -360,7 +366,7 @@ def profile(configs: list[Config], new_tokens: int, log: Log) -> str:
     d = next(c for c in configs if c.key == "d")
     log("torch.profiler (d) ...")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        d.run(new_tokens)
+        d.generate(new_tokens)
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=45)
     print(ops, flush=True)
     return _profile_markdown(results, new_tokens, ops)
@@ -417,14 +423,35 @@ def machine() -> dict[str, str]:
                    if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         cpu = platform.processor() or "unknown"
-    return {"CPU": cpu, "cores available": str(len(os.sched_getaffinity(0))),
+    return {"code": _code_version(), "CPU": cpu, "cores available": str(len(os.sched_getaffinity(0))),
             "torch threads": str(torch.get_num_threads()), "torch": torch.__version__,
             "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
 
 
+def _code_version() -> str:
+    """The commit, and whether the engine's files differ from it (others may be editing them)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.rstrip("\n")
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        dirty = git("status", "--porcelain", "--", "server", "adapters_registry").splitlines()
+    except OSError:
+        return "unknown (no git)"
+    changed = ", ".join(f"{path} (sha256 {_short_hash(path)})" for path in (line[3:] for line in dirty))
+    return f"git {commit}" + (f" + uncommitted: {changed}" if changed else "")
+
+
+def _short_hash(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
+    except OSError:
+        return "deleted"
+
+
 def report(configs: list[Config], runs: dict[str, list[Run]], new_tokens: int, command: str,
-           problems: list[str], profile_md: str | None) -> str:
+           problems: list[str], load_before: float, profile_md: str | None) -> str:
     labels = {c.key: c.label for c in configs}
     vs = _vs_targets(runs)
     lines = ["# Core engine benchmark", "",
@@ -454,6 +481,12 @@ def report(configs: list[Config], runs: dict[str, list[Run]], new_tokens: int, c
               "- equal work: " + ("every run produced "
                                   f"{NUM_PROMPTS}x{new_tokens} tokens" if not problems
                                   else "**NO**: " + "; ".join(problems)),
+              "- CPU busy in the timed runs (process CPU time / wall time, at most "
+              f"{THREADS}.00; lower = a thread waits, e.g. on Python, or other processes "
+              "contend): " + ", ".join(f"({key}) {_cpu_busy(key_runs)}"
+                                       for key, key_runs in runs.items()),
+              f"- load average (1 min) before the run: {load_before:.2f}",
+              *_contended(runs),
               f"- (c) vs (a) greedy tokens: {token_agreement(runs['c'][0], runs['a'][0])}",
               f"- (d) vs (b) greedy tokens: {token_agreement(runs['d'][0], runs['b'][0])}"]
     if "d-bf16" in runs:
@@ -468,6 +501,21 @@ def report(configs: list[Config], runs: dict[str, list[Run]], new_tokens: int, c
     if profile_md:
         lines += ["", "## What the profile shows", "", profile_md]
     return "\n".join(lines) + "\n"
+
+
+def _contended(runs: dict[str, list[Run]]) -> list[str]:
+    """A note on runs whose threads were not busy most of the time: likely other processes."""
+    slow = [f"({key}) run {i + 1}" for key, key_runs in runs.items()
+            for i, run in enumerate(key_runs) if run.cpu_seconds / run.seconds < 0.9 * THREADS]
+    if not slow:
+        return []
+    return [f"- probably slowed by other processes (CPU busy < {0.9 * THREADS:.1f}): "
+            f"{', '.join(slow)}; the best values are the ones to compare"]
+
+
+def _cpu_busy(runs: list[Run]) -> str:
+    busy = [run.cpu_seconds / run.seconds for run in runs]
+    return f"{min(busy):.2f}-{max(busy):.2f}"
 
 
 def _vs_targets(runs: dict[str, list[Run]]) -> dict[str, str]:
@@ -487,7 +535,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"writes {QUICK_OUT} unless --out is given")
     parser.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="loraplex slot-table dtype for (d); with float32, (d-bf16) runs too")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per config (>= 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per config (>= 2); with 3, one run slowed by another "
+                             "process does not move the median")
     parser.add_argument("--profile", nargs="?", const="on", default="auto",
                         choices=("on", "off", "auto"),
                         help="profile every config once after timing; auto = when a target is "
@@ -505,6 +555,10 @@ def main(argv: list[str] | None = None) -> None:
     new_tokens = QUICK_NEW_TOKENS if args.quick else NEW_TOKENS
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     torch.set_num_threads(THREADS)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    load_before = os.getloadavg()[0]
     log = Log()
     model_dir, adapters = build_assets(default_cache_dir(), log)
     configs = load_configs(model_dir, adapters, args.lora_dtype, log)
@@ -514,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"UNEQUAL WORK: {problem}")
     run_profile = args.profile == "on" or (args.profile == "auto" and not args.quick and missed(runs))
     profile_md = profile(configs, new_tokens, log) if run_profile else None
-    text = report(configs, runs, new_tokens, command, problems, profile_md)
+    text = report(configs, runs, new_tokens, command, problems, load_before, profile_md)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text, flush=True)

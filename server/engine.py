@@ -183,7 +183,8 @@ class EngineCore:
             return []
         chunks = [_chunk(c) for c in scheduled]
         inputs = build_step_inputs(chunks, self.kv, self.runner.windows, self.model.device)
-        logits = self.runner.forward(inputs)  # [N, vocab], N = chunks that need logits
+        # [N, vocab], N = chunks that need logits; sampled on the CPU with per-sequence generators
+        logits = self.runner.forward(inputs).cpu()
         sampling = []
         for c, chunk in zip(scheduled, chunks):
             c.seq.num_computed += c.num_tokens
