@@ -28,7 +28,12 @@ class LoraContext:
 
 
 class MultiLoraLinear(nn.Module):
-    """y = base(x) + scale[s] * B[s] @ (A[s] @ x) for each token's slot s (none for s = -1)."""
+    """y = base(x) + scale[s] * (A[s] @ x) @ B[s] for each token's slot s (none for s = -1).
+
+    Tables: lora_a [S, R, in], lora_b [S, R, out] (PEFT's B transposed), scale [S] fp32, and
+    lora_rank [S] int32 (each slot's true rank; the rows past it are zero and the CPU kernel
+    skips them).
+    """
 
     def __init__(self, base: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device):
@@ -39,16 +44,18 @@ class MultiLoraLinear(nn.Module):
         self.out_features = int(base.out_features)
         self.register_buffer("lora_a", torch.zeros(max_slots, max_rank, self.in_features,
                                                    dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_slots, self.out_features, max_rank,
+        self.register_buffer("lora_b", torch.zeros(max_slots, max_rank, self.out_features,
                                                    dtype=dtype, device=device), persistent=False)
         self.register_buffer("scale", torch.zeros(max_slots, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.register_buffer("lora_rank", torch.zeros(max_slots, dtype=torch.int32, device=device),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [T, out]
         mapping = self.context.mapping
         if mapping.has_lora:
-            lora_apply(y, x, mapping, self.lora_a, self.lora_b, self.scale)
+            lora_apply(y, x, mapping, self.lora_a, self.lora_b, self.scale, self.lora_rank)
         return y
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -56,13 +63,15 @@ class MultiLoraLinear(nn.Module):
         r = a.shape[0]
         self.reset_lora(slot)
         self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :, :r].copy_(b)
+        self.lora_b[slot, :r].copy_(b.t())  # [r, out]
         self.scale[slot] = scale
+        self.lora_rank[slot] = r
 
     def reset_lora(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.scale[slot] = 0.0
+        self.lora_rank[slot] = 0
 
 
 def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,

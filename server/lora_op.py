@@ -2,8 +2,11 @@
 
 For a packed batch of T tokens, with slot tables padded to rank R:
 
-    x: [T, in]   slot: [T] (-1 = base model only)   A: [S, R, in]   B: [S, out, R]   scale: [S]
-    y[t] += scale[slot[t]] * B[slot[t]] @ (A[slot[t]] @ x[t])      for every t with slot[t] >= 0
+    x: [T, in]   slot: [T] (-1 = base model only)   A: [S, R, in]   B: [S, R, out]   scale: [S]
+    y[t] += scale[slot[t]] * (A[slot[t]] @ x[t]) @ B[slot[t]]      for every t with slot[t] >= 0
+
+B is stored as [S, R, out] (PEFT's lora_B: [out, r], transposed): the rank-R intermediate expands
+to the output by combining R contiguous rows of out values.
 
 `lora_reference` is that loop, the meaning of the op. `SlotMapping.build(slot)` runs once per
 model step and precomputes how tokens group by slot; `lora_apply(y, x, mapping, A, B, scale)`
@@ -16,13 +19,37 @@ then runs per wrapped Linear with a handful of tensor ops:
 
 Padded rows repeat a real token of the same entry; their scale is 0, so they add exactly 0.
 Tables may be fp32 or bf16: x is cast to the table dtype, the result back to y's dtype.
+
+On the CPU, a C++ kernel (`server.lora_cpu_kernel`, built on first use) serves the slots with
+fewer than KERNEL_MAX_TOKENS tokens instead: it groups tokens by slot, reads each slot's table rows
+in place (fp32 math whatever the table dtype), and skips the zero rows past each slot's rank when
+`lora_apply` gets a `rank` array. It takes a call only when it is its kind (CPU tensors, fp32 x
+and y, fp32 or bf16 tables); any other call (CUDA, bf16 activations) runs the PyTorch path.
+The environment variable LORAPLEX_LORA_KERNEL (read at import into `KERNEL`) picks the path:
+
+- `auto` (default): the kernel for the slots with fewer than KERNEL_MAX_TOKENS tokens, PyTorch
+  segments for the larger ones;
+- `cpp`: the kernel for every slot;
+- `torch`: never the kernel (the mapping does not even build it).
+
+If the kernel cannot be built (no compiler, no ninja, ...), one warning is logged and PyTorch
+serves every call.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from server import lora_cpu_kernel
+
+KERNEL = os.environ.get("LORAPLEX_LORA_KERNEL", "auto")
+"""`auto`, `cpp` or `torch`: which slots the C++ kernel serves on the CPU (see the docstring)."""
+if KERNEL not in ("auto", "cpp", "torch"):
+    raise ValueError(f"LORAPLEX_LORA_KERNEL must be auto, cpp or torch, not {KERNEL!r}")
 
 HEAVY_TOKENS = 32
 """A slot with at least this many tokens gets its own two matmuls; fewer, it joins the padded batch.
@@ -34,21 +61,31 @@ tables (a small bf16 matmul has ~18 us of fixed cost); a lone large slot (prefil
 SPAN_SLACK = 2
 """Light slots read the table in place when their span is at most SPAN_SLACK x their count."""
 
+KERNEL_MAX_TOKENS = 1024
+"""In `auto` mode, a slot with fewer tokens than this goes to the C++ kernel, else to PyTorch.
+
+Measured (2 cores, one slot, 576/1536-wide modules): the kernel wins up to ~1024 tokens with fp32
+tables (e.g. 256 tokens: 58 vs 70 us) and ties there; with bf16 tables it wins at every size
+(2048 tokens: 0.5-1.0 vs 0.75-1.5 ms), PyTorch's bf16 matmuls being slow on this CPU.
+"""
+
+_NO_RANK = torch.empty(0, dtype=torch.int32)
+
 
 def lora_reference(x: torch.Tensor, slot: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    scale: torch.Tensor) -> torch.Tensor:
     """The op's meaning, one token at a time, computed in fp32.
 
-    x: [T, in], slot: [T] int (-1 = no adapter), A: [S, R, in], B: [S, out, R], scale: [S].
-    Returns delta: [T, out] with delta[t] = scale[s] * B[s] @ (A[s] @ x[t]) for s = slot[t] >= 0,
+    x: [T, in], slot: [T] int (-1 = no adapter), A: [S, R, in], B: [S, R, out], scale: [S].
+    Returns delta: [T, out] with delta[t] = scale[s] * (A[s] @ x[t]) @ B[s] for s = slot[t] >= 0,
     and delta[t] = 0 for s = -1.
     """
-    delta = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float32, device=x.device)
+    delta = torch.zeros(x.shape[0], B.shape[2], dtype=torch.float32, device=x.device)
     for t, s in enumerate(slot.tolist()):
         if s < 0:
             continue
         h = A[s].float() @ x[t].float()  # [R]
-        delta[t] = scale[s].float() * (B[s].float() @ h)  # [out]
+        delta[t] = scale[s].float() * (h @ B[s].float())  # [out]
     return delta
 
 
@@ -80,17 +117,37 @@ class _Batch:
     src: torch.Tensor  # [NB * M] token index of each row
     row_scale_mask: torch.Tensor | None  # [NB, M, 1] fp32 0/1
     inverse: torch.Tensor | None  # [T] the row of each token, when every token has one row
-    identity: bool  # src == arange(T) and every row real: no gather, no scatter
+    identity: bool  # src == arange(NB * M), every row real: x[:NB * M] as is, no scatter
+
+
+@dataclass(frozen=True)
+class _KernelPlan:
+    """The C++ kernel's share of a step: entry e is slot entries[e, 0] for the tokens
+    tokens[entries[e, 1]:entries[e, 2]]; the slots too big for it stay PyTorch `segments`.
+
+    `run(y, x, A, B, scale, rank, entries, tokens)` is the kernel; it returns False, doing
+    nothing, when the call is not its kind (not CPU, x or y not fp32, tables not fp32/bf16).
+    """
+
+    run: Callable[..., bool]
+    entries: torch.Tensor  # [E, 3] int32 (slot, begin, end)
+    tokens: torch.Tensor  # [N] int32 token indices, grouped by slot
+    segments: tuple[_Segment, ...]
 
 
 @dataclass(frozen=True)
 class SlotMapping:
-    """How the tokens of one model step group by slot; built once, shared by every LoRA layer."""
+    """How the tokens of one model step group by slot; built once, shared by every LoRA layer.
+
+    `segments` + `batch` cover every slot in PyTorch; `kernel`, when set, covers them all too
+    (kernel entries + its own segments), and lora_apply takes it when the call qualifies.
+    """
 
     num_tokens: int
     has_lora: bool  # False when every slot is -1: callers skip all LoRA work
     segments: tuple[_Segment, ...]
     batch: _Batch | None
+    kernel: _KernelPlan | None = None
 
     @staticmethod
     def build(slot: torch.Tensor) -> "SlotMapping":
@@ -105,13 +162,32 @@ class SlotMapping:
         light = {s: rows for s, rows in groups.items() if len(rows) < HEAVY_TOKENS}
         segments = tuple(_segment(s, rows, slot.device) for s, rows in sorted(heavy.items()))
         batch = _batch(light, len(slots), slot.device) if light else None
-        return SlotMapping(len(slots), bool(groups), segments, batch)
+        kernel = None
+        if groups and KERNEL != "torch" and slot.device.type == "cpu":
+            module = lora_cpu_kernel.load()
+            if module is not None:
+                kernel = _kernel_plan(module.lora_apply_cpu, groups, slot.device)
+        return SlotMapping(len(slots), bool(groups), segments, batch, kernel)
 
 
 def _segment(s: int, rows: list[int], device: torch.device) -> _Segment:
     if rows[-1] - rows[0] + 1 == len(rows):
         return _Segment(s, rows[0], rows[-1] + 1, None)
     return _Segment(s, rows[0], rows[-1] + 1, torch.tensor(rows, device=device))
+
+
+def _kernel_plan(run: Callable[..., bool], groups: dict[int, list[int]],
+                 device: torch.device) -> _KernelPlan:
+    max_tokens = KERNEL_MAX_TOKENS if KERNEL == "auto" else float("inf")
+    entries, tokens, segments = [], [], []
+    for s, rows in sorted(groups.items()):
+        if len(rows) < max_tokens:
+            entries.append((s, len(tokens), len(tokens) + len(rows)))
+            tokens += rows
+        else:
+            segments.append(_segment(s, rows, device))
+    return _KernelPlan(run, torch.tensor(entries, dtype=torch.int32).view(-1, 3),
+                       torch.tensor(tokens, dtype=torch.int32), tuple(segments))
 
 
 def _batch(light: dict[int, list[int]], num_tokens: int, device: torch.device) -> _Batch:
@@ -129,7 +205,7 @@ def _batch(light: dict[int, list[int]], num_tokens: int, device: torch.device) -
     mask = None
     if not all(real):
         mask = torch.tensor(real, dtype=torch.float32, device=device).view(len(entries), m, 1)
-    identity = mask is None and src == list(range(num_tokens))
+    identity = mask is None and src == list(range(len(src)))
     inverse = None
     if sum(len(rows) for rows in light.values()) == num_tokens:
         row_of = [0] * num_tokens
@@ -142,16 +218,23 @@ def _batch(light: dict[int, list[int]], num_tokens: int, device: torch.device) -
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, mapping: SlotMapping, A: torch.Tensor,
-               B: torch.Tensor, scale: torch.Tensor) -> None:
+               B: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor | None = None) -> None:
     """y += the op (see `lora_reference`), in place, in y's dtype.
 
-    y: [T, out], x: [T, in] (leading dims are flattened), A: [S, R, in], B: [S, out, R],
-    scale: [S] fp32. A and B share a dtype (fp32 or bf16).
+    y: [T, out], x: [T, in] (leading dims are flattened), A: [S, R, in], B: [S, R, out],
+    scale: [S] fp32. A and B share a dtype (fp32 or bf16). rank: [S] int32 or None; when given,
+    rows >= rank[s] of A[s] and B[s] must be zero, and the C++ kernel skips them.
     """
     if not mapping.has_lora:
         return
-    x = x.reshape(-1, x.shape[-1])  # [T, in]
-    y = y.view(-1, y.shape[-1])  # [T, out]
+    if x.dim() != 2:
+        x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # [T, in], [T, out]
+    plan = mapping.kernel
+    if plan is not None and plan.run(y, x, A, B, scale, _NO_RANK if rank is None else rank,
+                                     plan.entries, plan.tokens):
+        for seg in plan.segments:
+            _apply_segment(y, x, seg, A, B, scale)
+        return
     for seg in mapping.segments:
         _apply_segment(y, x, seg, A, B, scale)
     if mapping.batch is not None:
@@ -168,9 +251,9 @@ def _apply_segment(y: torch.Tensor, x: torch.Tensor, seg: _Segment, A: torch.Ten
     h = xs.to(A.dtype) @ A[s].t()  # [n, R]
     h.mul_(scale[s])
     if seg.rows is None and y.dtype == B.dtype:
-        y[seg.start:seg.stop].addmm_(h, B[s].t())
+        y[seg.start:seg.stop].addmm_(h, B[s])
         return
-    out = (h @ B[s].t()).to(y.dtype)  # [n, out]
+    out = (h @ B[s]).to(y.dtype)  # [n, out]
     if seg.rows is None:
         y[seg.start:seg.stop] += out
     else:
@@ -179,24 +262,32 @@ def _apply_segment(y: torch.Tensor, x: torch.Tensor, seg: _Segment, A: torch.Ten
 
 def _apply_batch(y: torch.Tensor, x: torch.Tensor, b: _Batch, A: torch.Tensor, B: torch.Tensor,
                  scale: torch.Tensor) -> None:
-    nb, m = b.num_entries, b.rows_per_entry
-    if b.table_slots is None:
-        wa, wb, sc = A.narrow(0, b.first, nb), B.narrow(0, b.first, nb), scale.narrow(0, b.first, nb)
-    else:
-        idx = b.table_slots
-        wa, wb, sc = A.index_select(0, idx), B.index_select(0, idx), scale.index_select(0, idx)
-    # wa: [NB, R, in], wb: [NB, out, R], sc: [NB]
-    xg = x if b.identity else x.index_select(0, b.src)  # [NB * M, in]
+    nb, m, n = b.num_entries, b.rows_per_entry, b.num_entries * b.rows_per_entry
+    wa, wb, sc = _entry_tables(b, A, B, scale)  # [NB, R, in], [NB, R, out], [NB]
+    xg = x[:n] if b.identity else x.index_select(0, b.src)  # [NB * M, in]
     h = torch.bmm(xg.to(A.dtype).view(nb, m, -1), wa.transpose(1, 2))  # [NB, M, R]
-    row_scale = sc.view(nb, 1, 1) if b.row_scale_mask is None else sc.view(nb, 1, 1) * b.row_scale_mask
+    row_scale = sc.view(nb, 1, 1)
+    if b.row_scale_mask is not None:
+        row_scale = row_scale * b.row_scale_mask  # [NB, M, 1]
     h.mul_(row_scale)
     if b.identity and y.dtype == wb.dtype and y.is_contiguous():
-        y.view(nb, m, -1).baddbmm_(h, wb.transpose(1, 2))
+        y[:n].view(nb, m, -1).baddbmm_(h, wb)
         return
-    out = torch.bmm(h, wb.transpose(1, 2)).view(nb * m, -1)  # [NB * M, out]
+    out = torch.bmm(h, wb).view(n, -1)  # [NB * M, out]
     if b.identity:
-        y += out
+        y[:n] += out
     elif b.inverse is not None:
         y += out.index_select(0, b.inverse)
     else:
         y.index_add_(0, b.src, out.to(y.dtype))
+
+
+def _entry_tables(b: _Batch, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor):
+    """The tables of the batch's NB entries: the whole table, a view of it, or a gather."""
+    if b.table_slots is not None:
+        idx = b.table_slots
+        return A.index_select(0, idx), B.index_select(0, idx), scale.index_select(0, idx)
+    if b.num_entries == A.shape[0]:
+        return A, B, scale
+    nb = b.num_entries
+    return A.narrow(0, b.first, nb), B.narrow(0, b.first, nb), scale.narrow(0, b.first, nb)

@@ -1,7 +1,8 @@
 """The batched LoRA op: the fast path `lora_apply` computes exactly what the per-token loop
-`lora_reference` defines, for every slot pattern and both strategies (segments, padded batch).
+`lora_reference` defines, for every slot pattern and every strategy (PyTorch segments, padded
+batch, and the C++ CPU kernel in `auto` and `cpp` modes).
 
-    y[t] += scale[slot[t]] * B[slot[t]] @ (A[slot[t]] @ x[t])    for slot[t] >= 0
+    y[t] += scale[slot[t]] * (A[slot[t]] @ x[t]) @ B[slot[t]]    for slot[t] >= 0
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ fast path, so it may differ from the fp32 reference by up to 2% of the largest d
 def make_tables(n_in: int, n_out: int, R: int, gen: torch.Generator, dtype=torch.float32):
     """Slot tables of S adapters with random ranks <= R, zero-padded to R, and random scales.
 
-    A: [S, R, in], B: [S, out, R], scale: [S]; the last slot is empty (zeros, scale 0).
+    A: [S, R, in], B: [S, R, out], scale: [S]; the last slot is empty (zeros, scale 0).
     """
     A = torch.zeros(S, R, n_in)
-    B = torch.zeros(S, n_out, R)
+    B = torch.zeros(S, R, n_out)
     scale = torch.rand(S, generator=gen) * 4
     for s in range(S - 1):
         r = int(torch.randint(1, R + 1, (1,), generator=gen))
         A[s, :r] = torch.randn(r, n_in, generator=gen) / n_in ** 0.5
-        B[s, :, :r] = torch.randn(n_out, r, generator=gen)
+        B[s, :r] = torch.randn(r, n_out, generator=gen)
     scale[S - 1] = 0.0
     return A.to(dtype), B.to(dtype), scale
 
@@ -39,7 +40,7 @@ def make_tables(n_in: int, n_out: int, R: int, gen: torch.Generator, dtype=torch
 def fast_delta(x, slot, A, B, scale) -> torch.Tensor:
     """What lora_apply adds to a random y, computed as y_after - y_before."""
     gen = torch.Generator().manual_seed(123)
-    y = torch.randn(x.shape[0], B.shape[1], generator=gen)
+    y = torch.randn(x.shape[0], B.shape[2], generator=gen)
     y_before = y.clone()
     lora_apply(y, x, SlotMapping.build(slot), A, B, scale)
     return y - y_before
@@ -59,6 +60,8 @@ def pattern(name: str, gen: torch.Generator) -> torch.Tensor:
         return torch.tensor([5])
     if name == "slots in token order (identity)":
         return torch.arange(S)
+    if name == "sorted slots, base-only tokens last":
+        return torch.tensor([0, 1, 2, 3, -1, -1])
     if name == "two far-apart slots":
         return torch.tensor([0, 7, 7, 0, -1, 7])
     if name == "large T: two prefills + decodes":
@@ -68,15 +71,20 @@ def pattern(name: str, gen: torch.Generator) -> torch.Tensor:
 
 
 PATTERNS = ["rows with -1", "repeated slots", "one slot for all", "all distinct", "T=1",
-            "slots in token order (identity)", "two far-apart slots",
+            "slots in token order (identity)", "sorted slots, base-only tokens last",
+            "two far-apart slots",
             "large T: two prefills + decodes"]
 
 STRATEGIES = {
-    "default": {},
-    "all segments": dict(HEAVY_TOKENS=1),
-    "all batched, table view": dict(HEAVY_TOKENS=10**9, SPAN_SLACK=10**9),
-    "all batched, gathered weights": dict(HEAVY_TOKENS=10**9, SPAN_SLACK=0),
+    "torch default": dict(KERNEL="torch"),
+    "torch all segments": dict(KERNEL="torch", HEAVY_TOKENS=1),
+    "torch all batched, table view": dict(KERNEL="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=10**9),
+    "torch all batched, gathered weights": dict(KERNEL="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=0),
+    "auto (kernel for light slots)": dict(KERNEL="auto"),
+    "cpp (kernel for every slot)": dict(KERNEL="cpp"),
 }
+"""The C++ strategies run PyTorch where the kernel cannot be built (tests/test_lora_cpu_kernel.py
+checks that it is built wherever a compiler is)."""
 
 
 @pytest.fixture(params=list(STRATEGIES))
@@ -91,7 +99,7 @@ def test_reference_is_the_formula_on_a_hand_computed_example():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # [T=3, in=2]
     slot = torch.tensor([1, -1, 0])
     A = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [S=2, R=1, in=2]
-    B = torch.tensor([[[1.0], [10.0]], [[2.0], [3.0]]])  # [S=2, out=2, R=1]
+    B = torch.tensor([[[1.0, 10.0]], [[2.0, 3.0]]])  # [S=2, R=1, out=2]
     scale = torch.tensor([0.5, 2.0])
     expected = torch.tensor([
         [2.0 * 2.0 * 2.0, 2.0 * 3.0 * 2.0],  # slot 1: h = x[1] = 2
@@ -131,8 +139,8 @@ def test_padding_a_rank_4_adapter_to_rank_16_changes_nothing(strategy):
     x = torch.randn(10, 32, generator=gen)
     unpadded = 2.0 * (x @ a.t()) @ b.t()  # [T, out]
     A = torch.zeros(S, 16, 32)
-    B = torch.zeros(S, 24, 16)
-    A[3, :4], B[3, :, :4] = a, b
+    B = torch.zeros(S, 16, 24)
+    A[3, :4], B[3, :4] = a, b.t()
     scale = torch.zeros(S)
     scale[3] = 2.0
     slot = torch.full((10,), 3)
