@@ -1,12 +1,24 @@
-"""Reading PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
+"""Reading and validating PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
 
 The result is a plain `LoraWeights`: for each (layer, module) the tensors A: [r, in], B: [out, r]
 and the scalar scale that PEFT applies (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA).
-Pickle files are never opened.
+
+Two entry points share one validation path (`_validate`):
+- `read_peft_adapter(path, spec)`: an adapter directory on disk. Only adapter_config.json and
+  adapter_model.safetensors are read; tokenizer files, README, code are ignored. Pickle weights
+  (`adapter_model.bin`, `.pt`, ...) are never opened: a directory holding only those is rejected
+  with a message to convert them to safetensors.
+- `parse_peft_adapter(name, config_json, safetensors, spec)`: an upload held in memory; it never
+  touches the filesystem and adds the upload checks (empty, size cap, SHA-256).
+
+Everything an adapter may get wrong raises `AdapterFormatError` with the message
+"adapter 'NAME': FILE: [tensor 'KEY': ]reason". The safetensors header is parsed here, before any
+tensor is allocated, so a truncated, oversized or garbled file is rejected with a clear reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -14,22 +26,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as _load_safetensors
 
 from adapters_registry.spec import TARGET_MODULES, BaseModelSpec, module_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""Weights in these files are pickles (can run code when loaded): never opened."""
+PICKLE_FILES = tuple(f"adapter_model{suffix}" for suffix in PICKLE_SUFFIXES)
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_CONFIG_BYTES = 1 << 20
+"""adapter_config.json is a few KB; anything above 1 MiB is not a PEFT config."""
+MAX_HEADER_BYTES = 100 * 1000 * 1000
+"""Cap on the safetensors JSON header (the safetensors library uses the same 100 MB)."""
+
+# safetensors dtype name -> (torch dtype, bytes per element), for the dtypes an adapter may use.
+_SAFETENSORS_DTYPES = {"F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+                       "F32": (torch.float32, 4)}
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
 # base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight
-_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\."
+                  r"([A-Za-z0-9_]+)\.lora_([AB])\.weight", re.ASCII)
+_KEY_FORM = "base_model.model.model.layers.N.(self_attn|mlp).MODULE.lora_(A|B).weight"
+
+# Modules of a Llama-family model that exist but that LoRA is not served on.
+_UNSERVED_MODULES = ("lm_head", "embed_tokens", "norm", "input_layernorm",
+                     "post_attention_layernorm", "rotary_emb", "self_attn", "mlp", "act_fn",
+                     "layers", "model")
+
+# PEFT LoraConfig options that change what the adapter computes, and that we do not serve.
+# Each is rejected when set to anything but its default (None / False / empty).
+_UNSUPPORTED_OPTIONS = {
+    "modules_to_save": "replaces whole base modules, which is not supported",
+    "fan_in_fan_out": "is for Conv1D (GPT-2 style) weights, not supported",
+    "lora_bias": "a bias on lora_B is not supported",
+    "layer_replication": "layer replication is not supported",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "target_parameters": "LoRA on parameters (not modules) is not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
+    "use_qalora": "QALoRA is not supported",
+    "use_bdlora": "BD-LoRA is not supported",
+    "arrow_config": "Arrow routing is not supported",
+    "kasa_config": "KaSA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "velora_config": "VeLoRA is not supported",
+}
 
 
 class AdapterFormatError(ValueError):
-    """An adapter cannot be served; the message names the adapter, file, tensor and reason."""
+    """An adapter cannot be served; the message names the adapter, file, tensor and reason.
+
+    The parts are also attributes (`adapter`, `file`, `tensor`, `reason`; None when not known).
+    """
+
+    def __init__(self, message: str, *, adapter: str | None = None, file: str | None = None,
+                 tensor: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.adapter, self.file, self.tensor, self.reason = adapter, file, tensor, reason
+
+
+def _fail(name: str, file: str, reason: str, tensor: str | None = None) -> AdapterFormatError:
+    where = f"tensor {tensor!r}: " if tensor is not None else ""
+    return AdapterFormatError(f"adapter {name!r}: {file}: {where}{reason}",
+                              adapter=name, file=file, tensor=tensor, reason=reason)
 
 
 @dataclass
@@ -52,127 +114,379 @@ class LoraWeights:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
 
+@dataclass(frozen=True)
+class _Target:
+    """One (layer, module) the config targets: its rank and PEFT scale."""
+
+    r: int
+    scale: float
+
+
+def validate_adapter_name(name: object) -> str:
+    """Returns `name` if it is a safe adapter name, else raises AdapterFormatError.
+
+    1 to 128 characters of letters, digits, '.', '_', '-', starting with a letter or digit and
+    without '..': usable as a file name and in a URL path, never a path traversal.
+    """
+    if isinstance(name, str) and _NAME.fullmatch(name) and ".." not in name:
+        return name
+    shown = name if not isinstance(name, str) or len(name) <= 64 else name[:64] + "..."
+    raise AdapterFormatError(
+        f"adapter {shown!r}: invalid adapter name: use 1 to 128 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit, without '..', '/' or '\\'",
+        adapter=str(shown), reason="invalid adapter name")
+
+
 def read_peft_adapter(path: str | Path, spec: BaseModelSpec, *, name: str | None = None,
                       max_rank: int | None = None) -> LoraWeights:
-    """Reads and checks one PEFT LoRA adapter directory against the base model's spec."""
+    """Reads and checks one PEFT LoRA adapter directory against the base model's spec.
+
+    `name` defaults to the directory's name. Other files in the directory are ignored.
+    """
     path = Path(path)
-    name = name or path.name
-    config = _read_config(path, name)
-    weights_file = path / WEIGHTS_FILE
+    name = validate_adapter_name(name if name is not None else (path.name or path.resolve().name))
+    if not path.is_dir():
+        raise _fail(name, str(path), "adapter directory not found")
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not weights_file.is_file():
-        if any((path / p).exists() for p in PICKLE_FILES):
-            raise AdapterFormatError(
-                f"adapter {name!r}: {WEIGHTS_FILE} missing; only a pickle file is present, which "
-                "is never opened — convert it to safetensors")
-        raise AdapterFormatError(f"adapter {name!r}: {WEIGHTS_FILE} missing in {path}")
-    pairs = _read_tensor_pairs(weights_file, name, spec)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise _fail(name, WEIGHTS_FILE, f"missing; only pickle weights ({', '.join(pickles)}) "
+                        "are present, which are never opened: convert them to safetensors "
+                        "(PEFT: save_pretrained(..., safe_serialization=True))")
+    if not config_file.is_file():
+        raise _fail(name, CONFIG_FILE, f"missing in {path}")
+    if not weights_file.is_file():
+        raise _fail(name, WEIGHTS_FILE, f"missing in {path}")
+    config_raw = _read_file(name, config_file, MAX_CONFIG_BYTES)
+    weights_raw = _read_file(name, weights_file, None)
+    return _validate(name, config_raw, weights_raw, spec, max_rank)
+
+
+def parse_peft_adapter(name: str, config_json: bytes | str, safetensors: bytes, spec: BaseModelSpec,
+                       *, max_rank: int | None = None, expected_sha256: str | None = None,
+                       max_bytes: int | None = None) -> LoraWeights:
+    """Checks one uploaded adapter held in memory; never touches the filesystem.
+
+    `config_json` is the content of adapter_config.json, `safetensors` the content of
+    adapter_model.safetensors. `expected_sha256` (hex) is checked against the safetensors bytes;
+    `max_bytes` caps their size. Then the same validation as `read_peft_adapter`.
+    """
+    name = validate_adapter_name(name)
+    config_raw = config_json.encode() if isinstance(config_json, str) else bytes(config_json)
+    if not config_raw:
+        raise _fail(name, CONFIG_FILE, "empty upload")
+    if not safetensors:
+        raise _fail(name, WEIGHTS_FILE, "empty upload")
+    if max_bytes is not None and len(safetensors) > max_bytes:
+        raise _fail(name, WEIGHTS_FILE,
+                    f"upload of {len(safetensors)} bytes exceeds the limit of {max_bytes} bytes")
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(safetensors).hexdigest()
+        if actual != expected_sha256.strip().lower():
+            raise _fail(name, WEIGHTS_FILE,
+                        f"checksum mismatch: sha256 is {actual}, expected {expected_sha256}")
+    return _validate(name, config_raw, bytes(safetensors), spec, max_rank)
+
+
+def _read_file(name: str, path: Path, limit: int | None) -> bytes:
+    try:
+        size = path.stat().st_size
+        if limit is not None and size > limit:
+            raise _fail(name, path.name, f"{size} bytes, more than the limit of {limit}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise _fail(name, path.name, f"cannot read ({exc.strerror or exc})") from None
+
+
+def _validate(name: str, config_raw: bytes, weights_raw: bytes, spec: BaseModelSpec,
+              max_rank: int | None) -> LoraWeights:
+    """The one validation path: config, then safetensors header, then tensor values."""
+    config = _parse_config(name, config_raw)
+    targets = _targets(name, config, spec, max_rank)
+    entries, data_start = _parse_header(name, weights_raw)
+    pairs = _check_tensor_index(name, entries, data_start, len(weights_raw), targets, spec)
+    try:
+        tensors = _load_safetensors(weights_raw)
+    except Exception as exc:  # the library raises several types for corrupt files
+        raise _fail(name, WEIGHTS_FILE, f"unreadable ({exc})") from None
     weights = LoraWeights(name=name, rank=0)
-    for (layer, module), (a, b) in sorted(pairs.items()):
-        where = f"adapter {name!r}: {WEIGHTS_FILE}: {module_path(layer, module)}"
-        r, alpha, use_rslora = _module_hparams(config, module_path(layer, module))
-        _check_shapes(where, a, b, r, spec.linear_shapes[module])
-        if max_rank is not None and r > max_rank:
-            raise AdapterFormatError(f"{where}: rank {r} exceeds the server's --max-rank {max_rank}")
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        weights.modules[(layer, module)] = LoraModuleWeights(a=a, b=b, scale=scale)
-        weights.rank = max(weights.rank, r)
+    for (layer, module), (key_a, key_b) in sorted(pairs.items()):
+        a, b = _finite(name, key_a, tensors[key_a]), _finite(name, key_b, tensors[key_b])
+        target = targets[(layer, module)]
+        weights.modules[(layer, module)] = LoraModuleWeights(a=a, b=b, scale=target.scale)
+        weights.rank = max(weights.rank, target.r)
     return weights
 
 
-def _read_config(path: Path, name: str) -> dict:
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE} missing in {path}")
+# ---- adapter_config.json ------------------------------------------------------------------------
+
+def _reject_constant(constant: str):
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def _parse_config(name: str, raw: bytes) -> dict:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise _fail(name, CONFIG_FILE, f"{len(raw)} bytes, more than the limit of {MAX_CONFIG_BYTES}")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE}: not valid JSON ({exc})") from None
+        config = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(name, CONFIG_FILE, f"not valid JSON ({exc})") from None
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE}: expected a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(
-            f"adapter {name!r}: {CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not "
-            "supported (only LORA)")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE}: {key} must be a positive number")
+        raise _fail(name, CONFIG_FILE, f"expected a JSON object, got {type(config).__name__}")
+
+    def bad(reason: str) -> AdapterFormatError:
+        return _fail(name, CONFIG_FILE, reason)
+
+    if "peft_type" not in config:
+        raise bad("peft_type missing (only 'LORA' is supported)")
+    if config["peft_type"] != "LORA":
+        raise bad(f"peft_type {config['peft_type']!r} is not supported (only 'LORA')")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise bad(f"task_type {config['task_type']!r} is not supported (only 'CAUSAL_LM')")
+    if not _is_positive_int(config.get("r")):
+        raise bad(f"r must be a positive integer, got {config.get('r')!r}")
+    if not _is_positive_number(config.get("lora_alpha")):
+        raise bad(f"lora_alpha must be a positive number, got {config.get('lora_alpha')!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise bad(f"use_rslora must be true or false, got {config['use_rslora']!r}")
     if config.get("use_dora"):
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE}: use_dora is not supported yet")
+        raise bad("use_dora: DoRA is not supported yet")
     if config.get("bias", "none") != "none":
-        raise AdapterFormatError(
-            f"adapter {name!r}: {CONFIG_FILE}: bias={config['bias']!r} is not supported (only 'none')")
-    if config.get("modules_to_save"):
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE}: modules_to_save is not supported")
-    if config.get("fan_in_fan_out"):
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_FILE}: fan_in_fan_out is not supported")
+        raise bad(f"bias={config['bias']!r} is not supported (only 'none')")
+    for option, reason in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option) not in (None, False, [], {}, ""):
+            raise bad(f"{option}={config[option]!r}: {reason}")
+    for key, check, what in (("rank_pattern", _is_positive_int, "a positive integer"),
+                             ("alpha_pattern", _is_positive_number, "a positive number")):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise bad(f"{key} must be an object, got {type(patterns).__name__}")
+        for pattern, value in patterns.items():
+            if not check(value):
+                raise bad(f"{key}[{pattern!r}] must be {what}, got {value!r}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise bad(f"{key} key {pattern!r} is not a valid pattern ({exc})") from None
     return config
 
 
-def _read_tensor_pairs(weights_file: Path, name: str, spec: BaseModelSpec
-                       ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _targets(name: str, config: dict, spec: BaseModelSpec, max_rank: int | None
+             ) -> dict[tuple[int, str], _Target]:
+    """The (layer, module)s the config targets, as PEFT resolves target_modules, exclude_modules
+    and layers_to_transform on a Llama-family model, with each one's rank and scale."""
+
+    def bad(reason: str) -> AdapterFormatError:
+        return _fail(name, CONFIG_FILE, reason)
+
+    servable = [m for m in TARGET_MODULES if m in spec.linear_shapes]
+    candidates = {module_path(layer, m): (layer, m)
+                  for layer in range(spec.num_layers) for m in servable}
+    wanted = config.get("target_modules")
+    if wanted == "all-linear":
+        selected = set(candidates)
+    elif isinstance(wanted, str):
+        raise bad(f"target_modules as a regular expression ({wanted!r}) is not supported: "
+                  "list the module names, e.g. [\"q_proj\", \"v_proj\"]")
+    elif not isinstance(wanted, list) or not wanted:
+        raise bad(f"target_modules must be a non-empty list of module names, got {wanted!r}")
+    else:
+        selected = set()
+        for entry in wanted:
+            if not isinstance(entry, str) or not entry:
+                raise bad(f"target_modules entry {entry!r} is not a module name")
+            matched = _matching(candidates, entry)
+            if not matched:
+                last = entry.rsplit(".", 1)[-1]
+                if last in _UNSERVED_MODULES:
+                    raise bad(f"target_modules entry {entry!r}: LoRA on {last} is not supported "
+                              f"(supported: {', '.join(servable)})")
+                raise bad(f"target_modules entry {entry!r} names no module of the base model "
+                          f"(supported: {', '.join(servable)})")
+            selected |= matched
+
+    excluded = config.get("exclude_modules") or []
+    if isinstance(excluded, str):
+        raise bad(f"exclude_modules as a regular expression ({excluded!r}) is not supported: "
+                  "list the module names")
+    if not isinstance(excluded, list) or not all(isinstance(e, str) for e in excluded):
+        raise bad(f"exclude_modules must be a list of module names, got {excluded!r}")
+    for entry in excluded:
+        selected -= _matching(candidates, entry)
+
+    layers = config.get("layers_to_transform")
+    if layers not in (None, []):
+        layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if not isinstance(layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise bad(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        pattern = config.get("layers_pattern")
+        if pattern not in (None, "", [], "layers", ["layers"]):
+            raise bad(f"layers_pattern={pattern!r} is not supported: the base model's decoder "
+                      "layers are 'layers'")
+        selected = {p for p in selected if candidates[p][0] in layers}
+    if not selected:
+        raise bad("target_modules, exclude_modules and layers_to_transform select no module "
+                  "of the base model")
+
+    targets = {}
+    for path in sorted(selected):
+        r, alpha, source = _module_hparams(config, path)
+        if max_rank is not None and r > max_rank:
+            raise bad(f"rank {r} of {path} ({source}) exceeds the server's max rank {max_rank}")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+        targets[candidates[path]] = _Target(r=r, scale=scale)
+    return targets
+
+
+def _matching(candidates: dict[str, tuple[int, str]], entry: str) -> set[str]:
+    """PEFT's list matching: the module name equals the entry or ends with '.' + entry."""
+    return {p for p in candidates if p == entry or p.endswith("." + entry)}
+
+
+def _module_hparams(config: dict, path: str) -> tuple[int, float, str]:
+    """Rank and alpha of one module, honouring PEFT's rank_pattern / alpha_pattern, and where the
+    rank came from."""
+    rank_key = _pattern_key(config.get("rank_pattern") or {}, path)
+    alpha_key = _pattern_key(config.get("alpha_pattern") or {}, path)
+    r = config["rank_pattern"][rank_key] if rank_key is not None else config["r"]
+    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config["lora_alpha"]
+    source = f"rank_pattern {rank_key!r}" if rank_key is not None else "r"
+    return int(r), float(alpha), source
+
+
+def _pattern_key(patterns: dict, path: str) -> str | None:
+    """PEFT's get_pattern_key: the first key that matches the end of the module name on a dot
+    boundary."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+# ---- adapter_model.safetensors ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor's header entry."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _parse_header(name: str, raw: bytes) -> tuple[dict[str, _Entry], int]:
+    """The safetensors header (8-byte little-endian length N, then N bytes of JSON), checked for
+    structure before anything is allocated. Returns the entries and where the data starts."""
+
+    def bad(reason: str, tensor: str | None = None) -> AdapterFormatError:
+        return _fail(name, WEIGHTS_FILE, reason, tensor)
+
+    if len(raw) < 8:
+        raise bad(f"truncated: {len(raw)} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(raw[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise bad(f"header length {n} bytes exceeds the limit of {MAX_HEADER_BYTES} "
+                  "(corrupt file or not safetensors)")
+    if 8 + n > len(raw):
+        raise bad(f"truncated or corrupt: header length {n} bytes, but only {len(raw) - 8} "
+                  "bytes follow")
     try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            for key in f.keys():
-                where = f"adapter {name!r}: {WEIGHTS_FILE}: tensor {key!r}"
-                layer, module, half = _parse_key(where, key, spec)
-                tensor = f.get_tensor(key)
-                if tensor.dtype not in ALLOWED_DTYPES:
-                    raise AdapterFormatError(f"{where}: dtype {tensor.dtype} not allowed "
-                                             "(fp16, bf16 or fp32)")
-                if not torch.isfinite(tensor).all():
-                    raise AdapterFormatError(f"{where}: contains NaN or Inf")
-                halves.setdefault((layer, module), {})[half] = tensor.float()
-    except AdapterFormatError:
-        raise
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise AdapterFormatError(f"adapter {name!r}: {WEIGHTS_FILE}: unreadable ({exc})") from None
+        header = json.loads(raw[8:8 + n].decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"header is not valid JSON (corrupt file or not safetensors: {exc})") from None
+    if not isinstance(header, dict):
+        raise bad(f"header is not a JSON object (got {type(header).__name__})")
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list)
+                and all(_is_index(d) for d in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(_is_index(o) for o in info["data_offsets"])):
+            raise bad("malformed header entry (expected dtype, shape, data_offsets)", key)
+        begin, end = info["data_offsets"]
+        entries[key] = _Entry(info["dtype"], tuple(info["shape"]), begin, end)
+    return entries, 8 + n
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, total: int,
+                        targets: dict[tuple[int, str], _Target], spec: BaseModelSpec
+                        ) -> dict[tuple[int, str], tuple[str, str]]:
+    """Checks every header entry (key, module, layer, target, dtype, shape, extent) and that
+    lora_A and lora_B come in pairs. Returns (layer, module) -> (lora_A key, lora_B key).
+
+    A targeted module without any tensors is allowed, as PEFT allows it (with a warning): its
+    lora_B keeps PEFT's zero init, so the module is left without LoRA.
+    """
+
+    def bad(reason: str, tensor: str | None = None) -> AdapterFormatError:
+        return _fail(name, WEIGHTS_FILE, reason, tensor)
+
+    data_bytes = total - data_start
+    halves: dict[tuple[int, str], dict[str, str]] = {}
+    for key, entry in entries.items():
+        match = _KEY.fullmatch(key)
+        if not match:
+            raise bad(f"unknown tensor key (expected {_KEY_FORM})", key)
+        layer, block, module, half = int(match[1]), match[2], match[3], match[4]
+        if module not in spec.linear_shapes or module not in TARGET_MODULES \
+                or module_path(layer, module).split(".")[3] != block:
+            supported = ", ".join(m for m in TARGET_MODULES if m in spec.linear_shapes)
+            raise bad(f"unknown module {block}.{module} (supported: {supported})", key)
+        if layer >= spec.num_layers:
+            raise bad(f"layer {layer} out of range (the base model has {spec.num_layers} layers)", key)
+        target = targets.get((layer, module))
+        if target is None:
+            raise bad(f"module {module_path(layer, module)} is not targeted by {CONFIG_FILE} "
+                      "(target_modules / exclude_modules / layers_to_transform)", key)
+        if entry.dtype not in _SAFETENSORS_DTYPES:
+            raise bad(f"dtype {entry.dtype} not allowed (only F16, BF16 or F32)", key)
+        in_features, out_features = spec.linear_shapes[module]
+        expected = (target.r, in_features) if half == "A" else (out_features, target.r)
+        if entry.shape != expected:
+            form = "[r, in_features]" if half == "A" else "[out_features, r]"
+            raise bad(f"shape {list(entry.shape)}, expected {list(expected)} "
+                      f"(lora_{half} is {form}, r={target.r})", key)
+        size = math.prod(entry.shape) * _SAFETENSORS_DTYPES[entry.dtype][1]
+        if entry.end - entry.begin != size:
+            raise bad(f"data_offsets {[entry.begin, entry.end]} do not hold {size} bytes "
+                      f"for shape {list(entry.shape)} {entry.dtype}", key)
+        if entry.end > data_bytes:
+            raise bad(f"truncated: data ends at byte {entry.end} but the file holds only "
+                      f"{data_bytes} data bytes", key)
+        halves.setdefault((layer, module), {})[half] = key
+    if not halves:
+        raise bad("holds no LoRA tensors")
     pairs = {}
-    for (layer, module), h in halves.items():
+    for (layer, module), h in sorted(halves.items()):
         if set(h) != {"A", "B"}:
-            missing = "lora_B" if "A" in h else "lora_A"
-            raise AdapterFormatError(
-                f"adapter {name!r}: {WEIGHTS_FILE}: {module_path(layer, module)}: {missing} missing")
+            have, missing = ("A", "B") if "A" in h else ("B", "A")
+            raise bad(f"lora_{have} without lora_{missing} for {module_path(layer, module)}", h[have])
         pairs[(layer, module)] = (h["A"], h["B"])
-    if not pairs:
-        raise AdapterFormatError(f"adapter {name!r}: {WEIGHTS_FILE}: holds no LoRA tensors")
     return pairs
 
 
-def _parse_key(where: str, key: str, spec: BaseModelSpec) -> tuple[int, str, str]:
-    match = _KEY.match(key)
-    if not match:
-        raise AdapterFormatError(f"{where}: unknown key (expected "
-                                 "base_model.model.model.layers.N.<block>.<module>.lora_A|B.weight)")
-    layer, block, module, half = int(match[1]), match[2], match[3], match[4]
-    if module not in TARGET_MODULES or module_path(layer, module).split(".")[3] != block:
-        raise AdapterFormatError(f"{where}: module {block}.{module} is not a supported target "
-                                 f"(supported: {', '.join(TARGET_MODULES)})")
-    if layer >= spec.num_layers:
-        raise AdapterFormatError(f"{where}: layer {layer} does not exist "
-                                 f"(the base model has {spec.num_layers})")
-    return layer, module, half
-
-
-def _module_hparams(config: dict, path: str) -> tuple[int, float, bool]:
-    """Rank and alpha of one module, honouring PEFT's rank_pattern / alpha_pattern."""
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
-    return int(r), float(alpha), bool(config.get("use_rslora", False))
-
-
-def _pattern_value(patterns: dict, path: str, default):
-    """PEFT matches a pattern key against the end of the module name, on a dot boundary."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
-def _check_shapes(where: str, a: torch.Tensor, b: torch.Tensor, r: int,
-                  in_out: tuple[int, int]) -> None:
-    in_features, out_features = in_out
-    if tuple(a.shape) != (r, in_features):
-        raise AdapterFormatError(f"{where}.lora_A: shape {tuple(a.shape)}, expected {(r, in_features)}")
-    if tuple(b.shape) != (out_features, r):
-        raise AdapterFormatError(f"{where}.lora_B: shape {tuple(b.shape)}, expected {(out_features, r)}")
+def _finite(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as float32, after checking it holds no NaN or Inf."""
+    if torch.isnan(tensor).any():
+        raise _fail(name, WEIGHTS_FILE, "contains NaN", key)
+    if torch.isinf(tensor).any():
+        raise _fail(name, WEIGHTS_FILE, "contains Inf", key)
+    return tensor.float()
