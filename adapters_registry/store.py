@@ -1,0 +1,523 @@
+"""The durable local adapter store: adapters by name and version, content-addressed blobs.
+
+Layout under `root` (one process owns a root; `LOCK` is held with `flock` while it is open):
+
+    LOCK                          the owner's lock file (empty)
+    blobs/sha256/<hex>            immutable blobs: adapter_config.json and
+                                  adapter_model.safetensors bytes, named by their sha256
+    refs/<sha256(name)>.json      one adapter: {"format", "name", "current", "versions": [...]}
+    tmp/                          writes in progress; emptied when the store opens
+
+A name is validated and then only ever hashed into a file name, never used as a path.
+
+Every file is written to tmp/, fsynced, renamed into place, and its directory fsynced. `put`
+writes both blobs first and the ref last: renaming the ref is the commit point of a register or
+replace, unlinking it is the commit point of a delete. A process killed at any moment leaves the
+old ref or the new one, never a partial adapter; what it leaves behind (temp files, blobs no ref
+names) is removed when the store next opens.
+
+Content is identified by its sha256; (name, version) is unique only while the name exists
+(versions restart at 1 after `delete`). Adapter *content* is validated by the caller before `put`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_FORMAT = 1
+
+# Test seam for the crash-safety test: with LORAPLEX_STORE_CRASH_AT=n the process SIGKILLs itself
+# at the n-th crash point it passes (n = -1 only records the labels). Unset: a no-op.
+_CRASH_AT = int(os.environ.get("LORAPLEX_STORE_CRASH_AT") or 0)
+_crash_labels: list[str] = []
+
+
+def _crash_point(label: str) -> None:
+    if _CRASH_AT:
+        _crash_labels.append(label)
+        if len(_crash_labels) == _CRASH_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StoreError(Exception):
+    """Base class of every error the store raises on purpose."""
+
+
+class InvalidNameError(StoreError, ValueError):
+    """The adapter name does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ or contains '..'."""
+
+
+class InvalidContentError(StoreError, ValueError):
+    """Empty content, a checksum that does not match, or a bad version number."""
+
+
+class UnknownAdapterError(StoreError, KeyError):
+    """No such adapter, or no such version of it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterCorruptError(StoreError):
+    """A stored blob is missing or its bytes no longer match their sha256; it is never served."""
+
+
+class StoreLockedError(StoreError):
+    """Another AdapterStore (in this or another process) has the root open."""
+
+
+def check_name(name: object) -> str:
+    """The rule of peft_format.validate_adapter_name, kept here so the store needs no torch."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        shown = name if not isinstance(name, str) or len(name) <= 64 else name[:64] + "..."
+        raise InvalidNameError(
+            f"invalid adapter name {shown!r}: use 1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'")
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored version of one adapter. Read the bytes with `AdapterStore.open_files`."""
+
+    name: str
+    version: int
+    config_sha256: str
+    weights_sha256: str
+    config_size: int
+    weights_size: int
+    created_at: float
+    config_path: Path
+    weights_path: Path
+    # Why this version cannot be served (missing or corrupt blob); None when healthy.
+    error: str | None = None
+
+
+@dataclass
+class RecoveryReport:
+    """What opening the store found and cleaned up."""
+
+    tmp_removed: int = 0
+    blobs_removed: int = 0
+    # ref files that could not be parsed; while any exist, no blob is garbage-collected
+    unreadable_refs: list[str] = field(default_factory=list)
+    # blob hex -> why it cannot be served
+    bad_blobs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Version:
+    version: int
+    config_sha256: str
+    weights_sha256: str
+    config_size: int
+    weights_size: int
+    created_at: float
+
+
+@dataclass
+class _Entry:
+    name: str
+    current: int
+    versions: dict[int, _Version]  # version -> metadata, ascending
+
+    def to_json(self) -> bytes:
+        doc = {"format": _FORMAT, "name": self.name, "current": self.current,
+               "versions": [vars(v) for v in self.versions.values()]}
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+class AdapterStore:
+    """The local store; thread-safe within its one owning process."""
+
+    def __init__(self, root: str | Path, *, keep_versions: int = 1, verify_on_open: bool = False):
+        """Opens (creating if needed) the store at `root` and recovers it.
+
+        keep_versions: how many versions older than the current one a replace keeps readable.
+        verify_on_open: hash every referenced blob now (reads the whole store); otherwise only
+            existence and size are checked here, and `open_files` verifies the sha256 on each read.
+        """
+        if keep_versions < 0:
+            raise ValueError(f"keep_versions must be >= 0, got {keep_versions}")
+        self.root = Path(root)
+        self.keep_versions = keep_versions
+        self._blobs = self.root / "blobs" / "sha256"
+        self._refs = self.root / "refs"
+        self._tmp = self.root / "tmp"
+        # _write_lock serializes mutations (put, delete, close); _lock guards the in-memory index
+        # and is held only briefly, so readers never wait for blob I/O or fsync.
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._index: dict[str, _Entry] = {}
+        self._bad_blobs: dict[str, str] = {}
+        self._unreadable_refs: list[str] = []
+        for d in (self._blobs, self._refs, self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / "LOCK", "a+b")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StoreLockedError(f"adapter store {self.root} is already open elsewhere") from None
+        try:
+            self.recovery = self._recover(verify_on_open)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------------- recovery
+
+    def _recover(self, verify: bool) -> RecoveryReport:
+        report = RecoveryReport()
+        for path in sorted(self._tmp.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            report.tmp_removed += 1
+            _crash_point("recover.tmp_removed")
+        if report.tmp_removed:
+            log.warning("adapter store %s: removed %d stale temp file(s)", self.root,
+                        report.tmp_removed)
+        for path in sorted(self._refs.iterdir()):
+            stem = path.name.removesuffix(".json")
+            if not (path.name.endswith(".json") and _HEX.fullmatch(stem)):
+                log.warning("adapter store %s: ignoring unknown file refs/%s", self.root, path.name)
+                continue
+            try:
+                entry = _parse_ref(path.read_bytes())
+                if _ref_key(entry.name) != stem:
+                    raise ValueError(f"name {entry.name!r} does not hash to the file name")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("adapter store %s: unreadable ref refs/%s (%s); its adapter is not "
+                            "served and no blob is garbage-collected", self.root, path.name, exc)
+                self._unreadable_refs.append(path.name)
+                continue
+            self._index[entry.name] = entry
+        for hex_, size in sorted(self._referenced_sizes().items()):
+            reason = self._check_blob(hex_, size, verify)
+            if reason:
+                log.warning("adapter store %s: blob %s %s", self.root, hex_, reason)
+                self._bad_blobs[hex_] = reason
+        report.unreadable_refs = list(self._unreadable_refs)
+        report.bad_blobs = dict(self._bad_blobs)
+        if not self._unreadable_refs:
+            orphans = {p.name for p in self._blobs.iterdir()} - set(self._referenced_sizes())
+            report.blobs_removed = self._collect_garbage(orphans)
+            if report.blobs_removed:
+                log.warning("adapter store %s: removed %d unreferenced blob(s)", self.root,
+                            report.blobs_removed)
+        return report
+
+    def _check_blob(self, hex_: str, size: int, verify: bool) -> str | None:
+        path = self._blobs / hex_
+        try:
+            actual = path.stat().st_size
+            if actual != size:
+                return f"has {actual} bytes, expected {size}"
+            if verify and _sha256_file(path) != hex_:
+                return "is corrupt (sha256 mismatch)"
+        except FileNotFoundError:
+            return "is missing"
+        return None
+
+    # -------------------------------------------------------------------------------- mutations
+
+    def put(self, name: str, config_bytes: bytes, weights_bytes: bytes, *,
+            version: int | None = None, expected_sha256: str | None = None) -> AdapterRecord:
+        """Registers `name`, or replaces it: the new version becomes current.
+
+        version: defaults to the highest stored version + 1; an explicit one must be higher.
+        expected_sha256: the weights' sha256 as announced by the source; a mismatch is rejected.
+        Every check runs before anything is written: a rejected put leaves the store unchanged.
+        """
+        check_name(name)
+        for what, data in (("adapter_config.json", config_bytes),
+                           ("adapter_model.safetensors", weights_bytes)):
+            if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+                raise InvalidContentError(f"adapter {name!r}: {what} is empty")
+        config_sha = hashlib.sha256(config_bytes).hexdigest()
+        weights_sha = hashlib.sha256(weights_bytes).hexdigest()
+        if expected_sha256 is not None and (not isinstance(expected_sha256, str)
+                                            or expected_sha256.lower() != weights_sha):
+            raise InvalidContentError(
+                f"adapter {name!r}: adapter_model.safetensors has sha256 {weights_sha}, "
+                f"expected {expected_sha256}")
+        with self._write_lock:
+            with self._lock:
+                self._check_open()
+                old = self._index.get(name)
+            highest = max(old.versions) if old else 0
+            if version is None:
+                version = highest + 1
+            elif isinstance(version, bool) or not isinstance(version, int) or version <= highest:
+                raise InvalidContentError(
+                    f"adapter {name!r}: version must be an integer above {highest}, "
+                    f"got {version!r}")
+            new = _Version(version, config_sha, weights_sha, len(config_bytes), len(weights_bytes),
+                           round(time.time(), 3))
+            versions = [*(old.versions.values() if old else ()), new][-(self.keep_versions + 1):]
+            entry = _Entry(name, version, {v.version: v for v in versions})
+            _crash_point("put.begin")
+            try:
+                self._put_blob(config_sha, config_bytes)
+                self._put_blob(weights_sha, weights_bytes)
+                tmp = self._write_tmp(entry.to_json(), "ref")
+                with self._lock:
+                    os.replace(tmp, self._ref_path(name))  # commit point
+                    self._index[name] = entry
+            except BaseException:
+                # Not committed (the index matches the refs on disk): drop the new blobs again.
+                self._collect_garbage({config_sha, weights_sha})
+                raise
+            _crash_point("ref.renamed")
+            _fsync_dir(self._refs)
+            _crash_point("ref.dir_synced")
+            if old:
+                self._collect_garbage(_blobs_of(old))
+            with self._lock:
+                return self._record(entry, version)
+
+    def delete(self, name: str) -> None:
+        """Removes `name` and all its versions."""
+        check_name(name)
+        with self._write_lock:
+            with self._lock:
+                entry = self._entry(name)
+                _crash_point("delete.begin")
+                self._ref_path(name).unlink()  # commit point
+                del self._index[name]
+            _crash_point("delete.unlinked")
+            _fsync_dir(self._refs)
+            _crash_point("delete.dir_synced")
+            self._collect_garbage(_blobs_of(entry))
+
+    def close(self) -> None:
+        """Releases the root; the store cannot be used afterwards."""
+        with self._write_lock, self._lock:
+            if not self._lock_file.closed:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                self._lock_file.close()
+
+    def __enter__(self) -> AdapterStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ reads
+
+    def get(self, name: str, version: int | None = None) -> AdapterRecord:
+        """The current (or given) version; raises AdapterCorruptError if it cannot be served."""
+        check_name(name)
+        with self._lock:
+            return self._servable(name, version)
+
+    def open_files(self, name: str, version: int | None = None) -> tuple[bytes, bytes]:
+        """(adapter_config.json bytes, adapter_model.safetensors bytes), sha256-verified."""
+        check_name(name)
+        with self._lock:
+            record = self._servable(name, version)
+        out = []
+        for hex_, path in ((record.config_sha256, record.config_path),
+                           (record.weights_sha256, record.weights_path)):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                data = None
+            if data is not None and hashlib.sha256(data).hexdigest() == hex_:
+                out.append(data)
+                continue
+            with self._lock:
+                # A replace or delete may have collected the blob since `record` was taken.
+                self._record(self._entry(name), record.version)
+                reason = "is missing" if data is None else "is corrupt (sha256 mismatch)"
+                log.warning("adapter store %s: blob %s %s", self.root, hex_, reason)
+                self._bad_blobs[hex_] = reason
+            raise AdapterCorruptError(f"adapter {name!r} version {record.version}: blob {hex_} "
+                                      f"{reason}; upload it again")
+        return out[0], out[1]
+
+    def versions(self, name: str) -> list[AdapterRecord]:
+        """Every stored version of `name`, oldest first, unservable ones with `error` set."""
+        check_name(name)
+        with self._lock:
+            entry = self._entry(name)
+            return [self._record(entry, v) for v in entry.versions]
+
+    def list(self) -> list[AdapterRecord]:
+        """The current version of every adapter, by name; unservable ones with `error` set."""
+        with self._lock:
+            self._check_open()
+            return [self._record(e, e.current) for _, e in sorted(self._index.items())]
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._index
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _check_open(self) -> None:
+        if self._lock_file.closed:
+            raise StoreError(f"adapter store {self.root} is closed")
+
+    def _servable(self, name: str, version: int | None) -> AdapterRecord:
+        entry = self._entry(name)
+        record = self._record(entry, entry.current if version is None else version)
+        if record.error:
+            raise AdapterCorruptError(f"adapter {name!r} version {record.version}: {record.error}; "
+                                      "upload it again")
+        return record
+
+    def _entry(self, name: str) -> _Entry:
+        self._check_open()
+        entry = self._index.get(name)
+        if entry is None:
+            raise UnknownAdapterError(f"unknown adapter {name!r}")
+        return entry
+
+    def _record(self, entry: _Entry, version: int) -> AdapterRecord:
+        v = entry.versions.get(version)
+        if v is None:
+            raise UnknownAdapterError(f"adapter {entry.name!r} has no version {version!r} "
+                                      f"(stored: {sorted(entry.versions)})")
+        errors = [f"blob {h} {self._bad_blobs[h]}" for h in (v.config_sha256, v.weights_sha256)
+                  if h in self._bad_blobs]
+        return AdapterRecord(entry.name, v.version, v.config_sha256, v.weights_sha256,
+                             v.config_size, v.weights_size, v.created_at,
+                             self._blobs / v.config_sha256, self._blobs / v.weights_sha256,
+                             "; ".join(errors) or None)
+
+    def _ref_path(self, name: str) -> Path:
+        return self._refs / f"{_ref_key(name)}.json"
+
+    def _referenced_sizes(self) -> dict[str, int]:
+        sizes = {}
+        for entry in self._index.values():
+            for v in entry.versions.values():
+                sizes[v.config_sha256] = v.config_size
+                sizes[v.weights_sha256] = v.weights_size
+        return sizes
+
+    def _put_blob(self, hex_: str, data: bytes) -> None:
+        path = self._blobs / hex_
+        if path.is_file() and _sha256_file(path) == hex_:
+            with self._lock:
+                self._bad_blobs.pop(hex_, None)
+            return
+        tmp = self._write_tmp(data, "blob")
+        os.replace(tmp, path)  # also repairs a corrupt blob in place
+        with self._lock:
+            self._bad_blobs.pop(hex_, None)
+        _crash_point("blob.renamed")
+        _fsync_dir(self._blobs)
+        _crash_point("blob.dir_synced")
+
+    def _write_tmp(self, data: bytes, what: str) -> Path:
+        """Writes `data` to a new fsynced file in tmp/; the caller renames it into place."""
+        path = self._tmp / f"{what}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            with open(path, "xb") as f:
+                _crash_point(f"{what}.tmp_created")
+                half = len(data) // 2  # two writes, so that a crash test can kill in between
+                f.write(data[:half])
+                f.flush()
+                _crash_point(f"{what}.half_written")
+                f.write(data[half:])
+                f.flush()
+                os.fsync(f.fileno())
+            _crash_point(f"{what}.tmp_synced")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _collect_garbage(self, candidates: set[str]) -> int:
+        """Deletes the candidate blobs that no ref names any more; returns how many.
+
+        Runs with no put in flight (under _write_lock, or while opening), so an unreferenced blob
+        is garbage, never a blob that a put is about to commit.
+        """
+        if self._unreadable_refs:
+            return 0
+        with self._lock:
+            unreferenced = candidates - set(self._referenced_sizes())
+            for hex_ in unreferenced:
+                self._bad_blobs.pop(hex_, None)
+        removed = 0
+        for hex_ in sorted(unreferenced):
+            path = self._blobs / hex_
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+            _crash_point("gc.unlinked")
+        if removed:
+            _fsync_dir(self._blobs)
+        return removed
+
+
+def _ref_key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _blobs_of(entry: _Entry) -> set[str]:
+    return {h for v in entry.versions.values() for h in (v.config_sha256, v.weights_sha256)}
+
+
+def _parse_ref(raw: bytes) -> _Entry:
+    doc = json.loads(raw)
+    if doc["format"] != _FORMAT:
+        raise ValueError(f"format {doc['format']!r} is not {_FORMAT}")
+    name = check_name(doc["name"])
+    versions: dict[int, _Version] = {}
+    for item in doc["versions"]:
+        v = _Version(**item)
+        for n in (v.version, v.config_size, v.weights_size):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"bad version or size {n!r}")
+        for h in (v.config_sha256, v.weights_sha256):
+            if not isinstance(h, str) or not _HEX.fullmatch(h):
+                raise ValueError(f"bad sha256 {h!r}")
+        if v.version in versions:
+            raise ValueError(f"version {v.version} listed twice")
+        versions[v.version] = v
+    if doc["current"] not in versions:
+        raise ValueError(f"current version {doc['current']!r} is not stored")
+    return _Entry(name, doc["current"], dict(sorted(versions.items())))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
