@@ -17,6 +17,7 @@ import torch
 
 from adapters_registry.peft_format import LoraWeights
 from server.adapter_slots import AdapterKey, AdapterSlots
+from server import lora_cpu_kernel, lora_op
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCache
@@ -94,6 +95,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, self.slots, max_batch_size=config.max_batch_size,
                                    max_step_tokens=config.max_step_tokens)
         self.runner = ModelRunner(model.hf, self.kv, self.lora)
+        if model.device.type == "cpu" and lora_op.KERNEL != "torch":
+            lora_cpu_kernel.load()  # build or load the C++ kernel now, not in the first request
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
