@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as _load_safetensors
 
+from adapters_registry.names import NAME_RULE, is_valid_adapter_name, shown_name
 from adapters_registry.spec import TARGET_MODULES, BaseModelSpec, module_path
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,7 +46,6 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000
 _SAFETENSORS_DTYPES = {"F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
                        "F32": (torch.float32, 4)}
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
 # base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\."
@@ -123,17 +123,12 @@ class _Target:
 
 
 def validate_adapter_name(name: object) -> str:
-    """Returns `name` if it is a safe adapter name, else raises AdapterFormatError.
-
-    1 to 128 characters of letters, digits, '.', '_', '-', starting with a letter or digit and
-    without '..': usable as a file name and in a URL path, never a path traversal.
-    """
-    if isinstance(name, str) and _NAME.fullmatch(name) and ".." not in name:
+    """Returns `name` if it is a safe adapter name (adapters_registry.names), else raises."""
+    if is_valid_adapter_name(name):
         return name
-    shown = name if not isinstance(name, str) or len(name) <= 64 else name[:64] + "..."
+    shown = shown_name(name)
     raise AdapterFormatError(
-        f"adapter {shown!r}: invalid adapter name: use 1 to 128 letters, digits, '.', '_' or '-', "
-        "starting with a letter or digit, without '..', '/' or '\\'",
+        f"adapter {shown!r}: invalid adapter name: {NAME_RULE}, '/' or '\\'",
         adapter=str(shown), reason="invalid adapter name")
 
 

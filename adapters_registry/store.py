@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters_registry.names import NAME_RULE, is_valid_adapter_name, shown_name
+
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FORMAT = 1
 
@@ -82,12 +83,9 @@ class StoreLockedError(StoreError):
 
 
 def check_name(name: object) -> str:
-    """The rule of peft_format.validate_adapter_name, kept here so the store needs no torch."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        shown = name if not isinstance(name, str) or len(name) <= 64 else name[:64] + "..."
-        raise InvalidNameError(
-            f"invalid adapter name {shown!r}: use 1 to 128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..'")
+    """Returns `name` if it follows adapters_registry.names' rule, else raises InvalidNameError."""
+    if not is_valid_adapter_name(name):
+        raise InvalidNameError(f"invalid adapter name {shown_name(name)!r}: {NAME_RULE}")
     return name
 
 
