@@ -140,6 +140,16 @@ def read_peft_adapter(path: str | Path, spec: BaseModelSpec, *, name: str | None
     """
     path = Path(path)
     name = validate_adapter_name(name if name is not None else (path.name or path.resolve().name))
+    config_raw, weights_raw = read_adapter_files(path, name)
+    return _validate(name, config_raw, weights_raw, spec, max_rank)
+
+
+def read_adapter_files(path: Path, name: str, max_bytes: int | None = None) -> tuple[bytes, bytes]:
+    """(adapter_config.json bytes, adapter_model.safetensors bytes) of an adapter directory.
+
+    Only those two files are read; pickle weights are never opened, tokenizer and code files are
+    ignored. Raises AdapterFormatError naming the adapter, the file and the reason.
+    """
     if not path.is_dir():
         raise _fail(name, str(path), "adapter directory not found")
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -153,9 +163,7 @@ def read_peft_adapter(path: str | Path, spec: BaseModelSpec, *, name: str | None
         raise _fail(name, CONFIG_FILE, f"missing in {path}")
     if not weights_file.is_file():
         raise _fail(name, WEIGHTS_FILE, f"missing in {path}")
-    config_raw = _read_file(name, config_file, MAX_CONFIG_BYTES)
-    weights_raw = _read_file(name, weights_file, None)
-    return _validate(name, config_raw, weights_raw, spec, max_rank)
+    return _read_file(name, config_file, MAX_CONFIG_BYTES), _read_file(name, weights_file, max_bytes)
 
 
 def parse_peft_adapter(name: str, config_json: bytes | str, safetensors: bytes, spec: BaseModelSpec,
