@@ -37,6 +37,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weights in these files are pickles (can run code when loaded): never opened."""
 PICKLE_FILES = tuple(f"adapter_model{suffix}" for suffix in PICKLE_SUFFIXES)
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CONVERT_PICKLES = "convert them to safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
 MAX_CONFIG_BYTES = 1 << 20
 """adapter_config.json is a few KB; anything above 1 MiB is not a PEFT config."""
 MAX_HEADER_BYTES = 100 * 1000 * 1000
@@ -96,7 +97,7 @@ def _fail(name: str, file: str, reason: str, tensor: str | None = None) -> Adapt
 
 @dataclass
 class LoraModuleWeights:
-    a: torch.Tensor  # [r, in]
+    a: torch.Tensor  # [r, in], the file's dtype (fp16, bf16 or fp32)
     b: torch.Tensor  # [out, r]
     scale: float
 
@@ -157,8 +158,7 @@ def read_adapter_files(path: Path, name: str, max_bytes: int | None = None) -> t
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise _fail(name, WEIGHTS_FILE, f"missing; only pickle weights ({', '.join(pickles)}) "
-                        "are present, which are never opened: convert them to safetensors "
-                        "(PEFT: save_pretrained(..., safe_serialization=True))")
+                        f"are present, which are never opened: {CONVERT_PICKLES}")
     if not config_file.is_file():
         raise _fail(name, CONFIG_FILE, f"missing in {path}")
     if not weights_file.is_file():
@@ -487,9 +487,8 @@ def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, 
 
 
 def _finite(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor as float32, after checking it holds no NaN or Inf."""
-    if torch.isnan(tensor).any():
-        raise _fail(name, WEIGHTS_FILE, "contains NaN", key)
-    if torch.isinf(tensor).any():
-        raise _fail(name, WEIGHTS_FILE, "contains Inf", key)
-    return tensor.float()
+    """The tensor, in its file dtype (the slot write converts), after checking it is all finite."""
+    if not torch.isfinite(tensor).all():
+        what = "NaN" if torch.isnan(tensor).any() else "Inf"
+        raise _fail(name, WEIGHTS_FILE, f"contains {what}", key)
+    return tensor

@@ -2,28 +2,23 @@
 
 A small explicit state machine. A slot is FREE (never loaded or cleared), BUSY (an adapter
 version with refs > 0: running sequences use it) or IDLE (loaded, refs == 0, evictable in LRU
-order). Adapters are keyed by `AdapterKey` (id plus a version number that changes on every
-replace), so a replaced adapter's old version keeps serving the sequences that started on it
-while new sequences get the new version in another slot.
+order). Slots are keyed by the registry's `AdapterKey` (name, version, content digest), so a replaced
+adapter's old version keeps serving the sequences that started on it while new sequences get the
+new version in another slot. `acquire` takes the request's `AdapterLease`, which carries the
+weights to write when the version is not in a slot yet.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
-
-@dataclass(frozen=True)
-class AdapterKey:
-    adapter_id: str
-    version: int
-
+from adapters_registry.host_cache import AdapterKey, AdapterLease
 
 class AdapterSlots:
-    def __init__(self, max_slots: int, load: Callable[[int, AdapterKey], None],
+    def __init__(self, max_slots: int, load: Callable[[int, AdapterLease], None],
                  clear: Callable[[int], None]):
-        """`load(slot, key)` writes an adapter version into a slot; `clear(slot)` zeroes it."""
+        """`load(slot, lease)` writes an adapter version into a slot; `clear(slot)` zeroes it."""
         self.max_slots = max_slots
         self._load = load
         self._clear = clear
@@ -35,17 +30,22 @@ class AdapterSlots:
         self.loads = 0
         self.evictions = 0
 
-    def acquire(self, key: AdapterKey) -> int | None:
-        """Slot holding `key` with one more reference; loads it if needed. None: all slots busy."""
+    def acquire(self, lease: AdapterLease) -> int | None:
+        """Slot holding the lease's version with one more reference; loads it if needed.
+
+        None: every slot is busy with other adapters.
+        """
+        key = lease.key
         slot = self.slot_of.get(key)
         if slot is None:
             slot = self._take_slot()
             if slot is None:
                 return None
-            self._load(slot, key)
+            self._load(slot, lease)
             self.loads += 1
             self.slot_of[key] = slot
         self._idle.pop(key, None)
+        self._retired.discard(key)  # only current versions are acquired (re-registered content)
         self.refs[slot] += 1
         return slot
 
@@ -69,6 +69,11 @@ class AdapterSlots:
             self._drop(key)
         else:
             self._retired.add(key)
+
+    def retire_stale(self, name: str, current: AdapterKey | None) -> None:
+        """Retires every version of adapter `name` other than `current` (None: all of them)."""
+        for key in [k for k in self.slot_of if k.name == name and k != current]:
+            self.retire(key)
 
     def free_slots(self) -> int:
         return len(self._free) + len(self._idle)

@@ -2,6 +2,10 @@
 
 The step loop owns the core. Other threads talk to it through an inbox of commands, applied
 between steps, and receive outputs through their event loop (`call_soon_threadsafe`).
+
+With a registry, a request's adapter is leased before the request reaches the loop (a cold one is
+loaded on the registry's worker threads while the loop keeps stepping) and released when the
+request ends, however it ends.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from concurrent.futures import Future
+
+from adapters_registry.host_cache import AdapterLease
 from adapters_registry.peft_format import LoraWeights
+from adapters_registry.registry import AdapterRegistry
 from server.engine import EngineCore, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -31,8 +39,11 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: EngineCore, registry: AdapterRegistry | None = None):
+        """Without a registry, requests may name only adapters resident in the core."""
         self.core = core
+        self.registry = registry
+        self._leases: dict[str, AdapterLease] = {}  # request id -> lease, on the loop thread
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
@@ -40,6 +51,8 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
+        if registry is not None:
+            registry.add_listener(self._adapter_changed)
 
     # ---- public API -----------------------------------------------------------------------
 
@@ -66,16 +79,21 @@ class Engine:
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         request_id = f"r{next(self._ids)}"
         added = loop.create_future()
+        lease = await self._lease(request)
 
         def deliver(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         def add() -> None:
             try:
-                self.core.add_request(request, request_id)
+                self.core.add_request(request, request_id, adapter=lease)
                 self._sinks[request_id] = deliver
+                if lease is not None:
+                    self._leases[request_id] = lease
                 loop.call_soon_threadsafe(_resolve, added, None)
             except Exception as exc:  # validation errors travel back to the caller
+                if lease is not None:
+                    self.registry.release(lease)
                 loop.call_soon_threadsafe(_resolve, added, exc)
 
         self._submit(add)
@@ -92,6 +110,25 @@ class Engine:
         finally:
             if not finished:
                 self._submit(lambda: self._abort(request_id))
+
+    async def _lease(self, request: GenerationRequest) -> AdapterLease | None:
+        """The registry's lease on the request's adapter, waiting for a cold load if needed."""
+        if self.registry is None or not request.adapter_id:
+            return None
+        future = self.registry.acquire(request.adapter_id)  # raises UnknownAdapterError now
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_unused)  # granted after the caller left
+            raise
+
+    def _release_unused(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.registry.release(future.result())
+
+    def _adapter_changed(self, name: str) -> None:
+        """Registry listener (any thread): free device slots of replaced or deleted versions."""
+        self._submit(lambda: self.core.retire_adapter(name, self.registry.current_key(name)))
 
     def add_adapter(self, adapter_id: str, weights: LoraWeights) -> None:
         """Thread-safe; takes effect before the next step."""
@@ -160,14 +197,23 @@ class Engine:
     def _abort(self, request_id: str) -> None:
         self._sinks.pop(request_id, None)
         self.core.abort(request_id)
+        self._end(request_id)
 
     def _emit(self, out: RequestOutput) -> None:
+        if out.finished:
+            self._end(out.request_id)
         sink = self._sinks.get(out.request_id)
         if sink is None:
             return
         if out.finished:
             del self._sinks[out.request_id]
         sink(out)
+
+    def _end(self, request_id: str) -> None:
+        """The request is over: its adapter lease goes back to the registry."""
+        lease = self._leases.pop(request_id, None)
+        if lease is not None:
+            self.registry.release(lease)
 
     def _fail_all(self) -> None:
         for request_id in list(self._sinks):

@@ -16,7 +16,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # loraplex never downloads weights at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from server.config import ConfigError, EngineConfig, add_arguments, from_arguments  # noqa: E402
+from server.config import (ConfigError, EngineConfig, RegistryConfig, add_arguments,  # noqa: E402
+                           from_arguments)
 
 log = logging.getLogger("loraplex")
 
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="address to listen on [env LORAPLEX_HOST]")
     serve.add_argument("--port", type=int, default=int(os.environ.get("LORAPLEX_PORT", "50051")),
                        help="gRPC port; 0 picks a free one [env LORAPLEX_PORT]")
+    add_arguments(serve, RegistryConfig)
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -70,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, EngineConfig)
     parser.add_argument("--adapter-dir", action="append", default=[], metavar="NAME=PATH",
-                        help="load a PEFT adapter directory under NAME (repeatable); without "
-                             "--model the demo adapters are loaded too")
+                        help="a PEFT adapter directory served as NAME (repeatable; `serve` "
+                             "registers it in the adapter store); without --model the demo "
+                             "adapters are added too")
     parser.add_argument("--cache-dir", default=None, help="demo asset cache [env LORAPLEX_CACHE_DIR]")
 
 
@@ -88,7 +91,7 @@ def _run_generate(args) -> None:
     from server.engine import GenerationRequest
     from server.sampler import SamplingParams
 
-    core = _load_core(args)
+    core, _ = _load_core(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     core.add_request(GenerationRequest(prompt=args.prompt, adapter_id=args.adapter, params=params))
@@ -106,11 +109,25 @@ def _run_generate(args) -> None:
 def _run_serve(args) -> None:
     from server.grpc_server import serve
 
-    core = _load_core(args)
-    asyncio.run(serve(core, host=args.host, port=args.port))
+    registry_config = from_arguments(args, RegistryConfig)
+    core, adapters = _load_core(args, resident=False)
+    registry = _open_registry(registry_config, core, args.cache_dir)
+    try:
+        for name, path in adapters.items():
+            _register_directory(registry, name, path)
+        log.info("adapter store %s: %d adapters", registry.store.root, len(registry.store))
+        asyncio.run(serve(core, host=args.host, port=args.port, registry=registry))
+    finally:
+        registry.close()
+        registry.store.close()
 
 
-def _load_core(args):
+def _load_core(args, resident: bool = True):
+    """The engine core and the adapter directories to serve (NAME -> path).
+
+    resident: the core holds the adapters itself (one-off `generate`); else the caller registers
+    them.
+    """
     from server.engine import load_engine_core
 
     config = from_arguments(args, EngineConfig)
@@ -124,11 +141,34 @@ def _load_core(args):
     log.info("loading %s (quantize=%s) with %d adapters", config.model, config.quantize,
              len(adapters))
     started = time.monotonic()
-    core = load_engine_core(config, adapters)
+    core = load_engine_core(config, adapters if resident else {})
     log.info("ready in %.1f s: %s on %s, %d KV blocks of %d tokens, %d adapter slots (rank <= %d)",
              time.monotonic() - started, core.model.name, core.model.device, core.kv.num_blocks,
              core.kv.block_size, config.max_slots, config.max_rank)
-    return core
+    return core, adapters
+
+
+def _open_registry(config: RegistryConfig, core, cache_dir: str | None):
+    from adapters_registry.registry import AdapterRegistry
+    from adapters_registry.store import AdapterStore
+
+    store = AdapterStore(config.store_path(cache_dir), keep_versions=config.keep_versions)
+    return AdapterRegistry(store, core.model.spec, max_rank=core.config.max_rank,
+                           cache_bytes=int(config.adapter_cache_mb * 2**20),
+                           allowed_roots=config.source_roots,
+                           max_adapter_bytes=int(config.max_adapter_mb * 2**20))
+
+
+def _register_directory(registry, name: str, path: str) -> None:
+    """An operator's --adapter-dir: trusted as a path, validated as an adapter."""
+    from pathlib import Path
+
+    from adapters_registry.peft_format import read_adapter_files, validate_adapter_name
+
+    validate_adapter_name(name)
+    config, weights = read_adapter_files(Path(path), name, registry.max_adapter_bytes)
+    record = registry.register(name, config, weights)
+    log.info("adapter %s: version %d from %s", name, record.version, path)
 
 
 def _adapter_dirs(values: list[str]) -> dict[str, str]:
@@ -160,11 +200,13 @@ def _quiet_libraries() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from adapters_registry.peft_format import AdapterFormatError
+    from adapters_registry.store import StoreError
     from server.engine import UnknownAdapter
     from server.model import ModelLoadError
     from server.sampler import InvalidRequest
 
-    return (ConfigError, ModelLoadError, AdapterFormatError, InvalidRequest, UnknownAdapter)
+    return (ConfigError, ModelLoadError, AdapterFormatError, InvalidRequest, UnknownAdapter,
+            StoreError)
 
 
 _USER_ERRORS = _user_errors()

@@ -87,6 +87,52 @@ class EngineConfig:
             raise ConfigError(f"model directory not found: {self.model}")
 
 
+@dataclass
+class RegistryConfig:
+    """Where adapters are stored and how much host RAM holds them (adapters_registry)."""
+
+    adapter_store: str = field(
+        default="",
+        metadata={"help": "Directory of the durable adapter store; '' = "
+                          "$LORAPLEX_CACHE_DIR/adapter-store (~/.cache/loraplex/adapter-store)."})
+    adapter_cache_mb: float = field(
+        default=2048.0,
+        metadata={"help": "Host RAM for loaded adapters (LRU; in-use and pinned ones are "
+                          "never evicted), in MiB."})
+    adapter_source_roots: str = field(
+        default="",
+        metadata={"help": "Local directories (separated by ':') under which adapters may be "
+                          "registered from a path; '' = none. s3:// sources use the standard "
+                          "AWS environment (AWS_ENDPOINT_URL, credentials, region)."})
+    max_adapter_mb: float = field(
+        default=1024.0,
+        metadata={"help": "Largest adapter_model.safetensors accepted, in MiB."})
+    keep_versions: int = field(
+        default=1,
+        metadata={"help": "Older versions kept in the store after a replace."})
+
+    def validate(self) -> None:
+        if self.adapter_cache_mb <= 0:
+            raise ConfigError("--adapter-cache-mb must be positive")
+        if self.max_adapter_mb <= 0:
+            raise ConfigError("--max-adapter-mb must be positive")
+        if self.keep_versions < 0:
+            raise ConfigError("--keep-versions must be >= 0")
+        for root in self.source_roots:
+            if not root.is_dir():
+                raise ConfigError(f"--adapter-source-roots: not a directory: {root}")
+
+    @property
+    def source_roots(self) -> list[Path]:
+        return [Path(p) for p in self.adapter_source_roots.split(os.pathsep) if p]
+
+    def store_path(self, cache_dir: str | None = None) -> Path:
+        if self.adapter_store:
+            return Path(self.adapter_store).expanduser()
+        base = cache_dir or os.environ.get("LORAPLEX_CACHE_DIR") or Path.home() / ".cache/loraplex"
+        return Path(base).expanduser() / "adapter-store"
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig) -> None:
     """Adds one flag per field of `config_cls`; defaults come from LORAPLEX_* variables."""
     for f in dataclasses.fields(config_cls):

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters_registry.host_cache import AdapterKey, AdapterLease
 from adapters_registry.peft_format import LoraWeights
-from server.adapter_slots import AdapterKey, AdapterSlots
+from server.adapter_slots import AdapterSlots
 from server import lora_cpu_kernel, lora_op
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
@@ -33,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class UnknownAdapter(KeyError):
-    """The request names an adapter that is not loaded."""
+    """The request names an adapter the engine does not have."""
 
     def __str__(self) -> str:
         return f"adapter {self.args[0]!r} is not loaded"
@@ -88,7 +89,9 @@ class EngineCore:
                                         dtype=DTYPES[config.lora_dtype], device=model.device)
         self.kv = _make_kv_cache(model, config)
         self.max_model_len = _max_model_len(model, config, self.kv)
-        self.adapters: dict[str, tuple[AdapterKey, LoraWeights]] = {}
+        # Resident adapters, held in RAM by the core itself (tests, `loraplex generate`); the
+        # server passes registry leases to add_request instead.
+        self.adapters: dict[str, AdapterLease] = {}
         self._versions = itertools.count(1)
         self.slots = AdapterSlots(config.max_slots, load=self._load_slot,
                                   clear=lambda slot: clear_slot(self.layers, slot))
@@ -107,28 +110,40 @@ class EngineCore:
     # ---- adapters -------------------------------------------------------------------------
 
     def add_adapter(self, adapter_id: str, weights: LoraWeights) -> None:
-        """Makes `adapter_id` servable; replaces a previous version (running requests keep it)."""
-        if weights.rank > self.config.max_rank:
-            raise InvalidRequest(f"adapter {adapter_id!r} has rank {weights.rank}, above "
-                                 f"--max-rank {self.config.max_rank}")
+        """Makes `adapter_id` resident; replaces a previous version (running requests keep it)."""
+        lease = AdapterLease(AdapterKey(adapter_id, next(self._versions), "resident"), weights)
+        self._check_rank(lease)
         old = self.adapters.get(adapter_id)
-        self.adapters[adapter_id] = (AdapterKey(adapter_id, next(self._versions)), weights)
+        self.adapters[adapter_id] = lease
         if old is not None:
-            self.slots.retire(old[0])
+            self.slots.retire(old.key)
 
     def remove_adapter(self, adapter_id: str) -> None:
         """New requests for it fail; requests already running finish on the version they have."""
-        key, _ = self.adapters.pop(adapter_id)
-        self.slots.retire(key)
+        self.slots.retire(self.adapters.pop(adapter_id).key)
 
-    def _load_slot(self, slot: int, key: AdapterKey) -> None:
-        _, weights = self.adapters[key.adapter_id]
-        write_adapter_to_slot(self.layers, slot, weights)
+    def retire_adapter(self, name: str, current: AdapterKey | None) -> None:
+        """The registry replaced or deleted `name`: frees its other versions' device slots as
+        soon as no running request uses them."""
+        self.slots.retire_stale(name, current)
+
+    def _check_rank(self, lease: AdapterLease) -> None:
+        if lease.weights.rank > self.config.max_rank:
+            raise InvalidRequest(f"adapter {lease.key.name!r} has rank {lease.weights.rank}, "
+                                 f"above --max-rank {self.config.max_rank}")
+
+    def _load_slot(self, slot: int, lease: AdapterLease) -> None:
+        write_adapter_to_slot(self.layers, slot, lease.weights)
 
     # ---- requests -------------------------------------------------------------------------
 
-    def add_request(self, request: GenerationRequest, request_id: str | None = None) -> str:
-        """Validates and queues a request; it joins the running batch at the next step."""
+    def add_request(self, request: GenerationRequest, request_id: str | None = None,
+                    adapter: AdapterLease | None = None) -> str:
+        """Validates and queues a request; it joins the running batch at the next step.
+
+        `adapter`: the registry's lease on `request.adapter_id` (the caller releases it after the
+        request ends); without one, the adapter must be resident (`add_adapter`).
+        """
         request_id = request_id or f"req-{next(self._ids)}"
         prompt_ids = self._prompt_ids(request)
         params = request.params
@@ -137,11 +152,7 @@ class EngineCore:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                                  f"({params.max_new_tokens}) exceeds the maximum sequence length "
                                  f"{self.max_model_len}")
-        adapter = None
-        if request.adapter_id:
-            if request.adapter_id not in self.adapters:
-                raise UnknownAdapter(request.adapter_id)
-            adapter = self.adapters[request.adapter_id][0]
+        adapter = self._adapter_for(request, adapter)
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -151,6 +162,22 @@ class EngineCore:
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
         return request_id
+
+    def _adapter_for(self, request: GenerationRequest, lease: AdapterLease | None
+                     ) -> AdapterLease | None:
+        if not request.adapter_id:
+            if lease is not None:
+                raise InvalidRequest("an adapter lease was given for a base-model request")
+            return None
+        if lease is None:
+            lease = self.adapters.get(request.adapter_id)
+            if lease is None:
+                raise UnknownAdapter(request.adapter_id)
+        elif lease.key.name != request.adapter_id:
+            raise InvalidRequest(f"the lease is for adapter {lease.key.name!r}, the request names "
+                                 f"{request.adapter_id!r}")
+        self._check_rank(lease)
+        return lease
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancels a request, freeing its KV blocks and adapter slot reference at once."""

@@ -1,7 +1,8 @@
 """The gRPC face of the engine: the Inference service, grpc.health.v1 and server reflection.
 
 Domain errors map to precise status codes (bad input -> INVALID_ARGUMENT, unknown adapter ->
-NOT_FOUND); only a bug is INTERNAL. SIGTERM or SIGINT: health turns NOT_SERVING, in-flight
+NOT_FOUND, an adapter that cannot be loaded -> FAILED_PRECONDITION, host adapter cache full of
+in-use adapters -> RESOURCE_EXHAUSTED); only a bug is INTERNAL. SIGTERM or SIGINT: health turns NOT_SERVING, in-flight
 requests get `grace` seconds to finish, then the process exits.
 """
 
@@ -15,6 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError, AdapterRegistry
+from adapters_registry.store import InvalidNameError, UnknownAdapterError
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
 from server.async_engine import Engine
 from server.engine import EngineCore, FinishReason, GenerationRequest, UnknownAdapter
@@ -29,8 +32,13 @@ FINISH_REASONS = {
     FinishReason.EOS: inference_pb2.EOS,
     FinishReason.CANCELLED: inference_pb2.CANCELLED,
 }
+# First match wins: subclasses before their bases.
 STATUS_OF = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-             UnknownAdapter: grpc.StatusCode.NOT_FOUND}
+             InvalidNameError: grpc.StatusCode.INVALID_ARGUMENT,
+             UnknownAdapter: grpc.StatusCode.NOT_FOUND,
+             UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
+             AdapterCacheFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+             AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION}
 DOMAIN_ERRORS = tuple(STATUS_OF)
 
 
@@ -124,10 +132,13 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
     return next(code for kind, code in STATUS_OF.items() if isinstance(exc, kind))
 
 
-async def create_server(core: EngineCore, address: str) -> tuple[grpc.aio.Server, int, Engine,
-                                                                 health.aio.HealthServicer]:
-    """Builds and starts the server on `address` ('host:0' picks a free port)."""
-    engine = Engine(core)
+async def create_server(core: EngineCore, address: str, registry: AdapterRegistry | None = None
+                        ) -> tuple[grpc.aio.Server, int, Engine, health.aio.HealthServicer]:
+    """Builds and starts the server on `address` ('host:0' picks a free port).
+
+    With a registry, adapters come from it; without, only those resident in `core` are served.
+    """
+    engine = Engine(core, registry)
     server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
@@ -142,8 +153,9 @@ async def create_server(core: EngineCore, address: str) -> tuple[grpc.aio.Server
     return server, port, engine, health_servicer
 
 
-async def serve(core: EngineCore, *, host: str, port: int, grace: float = 30.0) -> None:
-    server, bound, engine, health_servicer = await create_server(core, f"{host}:{port}")
+async def serve(core: EngineCore, *, host: str, port: int, registry: AdapterRegistry | None = None,
+                grace: float = 30.0) -> None:
+    server, bound, engine, health_servicer = await create_server(core, f"{host}:{port}", registry)
     log.info("serving on %s:%d", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.adapter_slots import AdapterKey, AdapterSlots
+from adapters_registry.host_cache import AdapterLease
+from server.adapter_slots import AdapterSlots
 from server.kv_cache import KVCache
 from server.sampler import SamplingParams
 
@@ -32,7 +33,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: AdapterKey | None  # None = base model
+    adapter: AdapterLease | None  # None = base model
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -160,5 +161,5 @@ class Scheduler:
 
     def _release_slot(self, seq: Sequence) -> None:
         if seq.adapter is not None and seq.slot >= 0:
-            self.slots.release(seq.adapter)
+            self.slots.release(seq.adapter.key)
         seq.slot = -1

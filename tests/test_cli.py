@@ -30,6 +30,7 @@ def _run(args, env, timeout=300):
 
 
 def test_serve_without_model_serves_the_demo_and_drains_on_sigterm(env):
+    """The demo adapters are registered in the adapter store and served from the registry."""
     proc = subprocess.Popen(LORAPLEX + ["serve", "--port", "0"], env=env, text=True,
                             stderr=subprocess.PIPE)
     try:
@@ -40,6 +41,10 @@ def test_serve_without_model_serves_the_demo_and_drains_on_sigterm(env):
                 reply = stub.Generate(pb.GenerateRequest(
                     prompt="Hello", adapter_id=adapter, params=pb.SamplingParams(max_new_tokens=4)))
                 assert len(reply.token_ids) >= 1
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(pb.GenerateRequest(prompt="Hello", adapter_id="no-such-adapter"))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "adapter 'no-such-adapter' is not registered" in error.value.details()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -1,0 +1,270 @@
+"""The adapter registry: register, load, lease, pin and delete adapters while the server runs.
+
+Tiers, coldest first:
+
+    source (upload bytes, a local directory, s3://)  --register-->  AdapterStore (disk)
+    AdapterStore  --load (worker thread)-->  HostCache (host RAM, LRU bounded in bytes)
+    HostCache  --lease-->  the engine, which copies the weights into a device slot it owns
+
+Every registration is validated against the served base model before anything is stored, so a
+rejected adapter leaves the store unchanged. Loads run on worker threads, never on the caller's
+(the engine step loop's) thread; concurrent requests for one cold adapter share one load.
+
+A request holds an `AdapterLease` from `acquire` until it ends (`release`): its version stays in
+host RAM even if the adapter is deleted or replaced meanwhile; new requests see the change at once.
+Listeners (the engine) hear of every replace and delete so they can free device slots the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from adapters_registry.host_cache import (AdapterKey, AdapterLease, CacheFullError, EntryState,
+                                          HostCache)
+from adapters_registry.peft_format import AdapterFormatError, LoraWeights, parse_peft_adapter
+from adapters_registry.spec import BaseModelSpec
+from adapters_registry.store import (AdapterCorruptError, AdapterRecord, AdapterStore, StoreError,
+                                     UnknownAdapterError)
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLoadError(RuntimeError):
+    """A stored adapter could not be brought into host RAM (corrupt blob, base-model mismatch,
+    cache full); the message names the adapter, its version and the reason."""
+
+
+class AdapterCacheFullError(AdapterLoadError):
+    """Running requests and pins hold the whole host adapter cache; retry when some finish."""
+
+
+def adapter_key(record: AdapterRecord) -> AdapterKey:
+    both = f"{record.config_sha256}:{record.weights_sha256}".encode()
+    return AdapterKey(record.name, record.version, hashlib.sha256(both).hexdigest()[:16])
+
+
+class _Load:
+    """One load in flight: the futures of everyone waiting for `key`."""
+
+    def __init__(self, key: AdapterKey):
+        self.key = key
+        self.leases: list[Future] = []  # Future[AdapterLease], one per acquire
+        self.pins: list[Future] = []  # Future[AdapterKey], one per pin
+
+
+class AdapterRegistry:
+    def __init__(self, store: AdapterStore, spec: BaseModelSpec, *, max_rank: int,
+                 cache_bytes: int, allowed_roots: Sequence[str | Path] = (),
+                 max_adapter_bytes: int | None = None, load_workers: int = 2):
+        self.store = store
+        self.spec = spec
+        self.max_rank = max_rank
+        self.allowed_roots = [Path(root) for root in allowed_roots]
+        self.max_adapter_bytes = max_adapter_bytes
+        self.cache = HostCache(cache_bytes)
+        self._lock = threading.Lock()  # guards cache, _loads, _pinned
+        self._loads: dict[AdapterKey, _Load] = {}
+        self._pinned: set[str] = set()
+        self._listeners: list[Callable[[str], None]] = []
+        self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        self.loads = 0
+        self.load_failures = 0
+        self.load_seconds: list[float] = []  # recent store -> RAM load times, for benchmarks
+
+    # ---- registration (blocking: store writes fsync) ----------------------------------------
+
+    def register(self, name: str, config: bytes, weights: bytes, *,
+                 expected_sha256: str | None = None) -> AdapterRecord:
+        """Validates an adapter's two files and stores them as `name`'s new current version.
+
+        Identical content to the current version is a no-op that returns the current record.
+        Raises AdapterFormatError (nothing stored) or a StoreError.
+        """
+        parse_peft_adapter(name, config, weights, self.spec, max_rank=self.max_rank,
+                           expected_sha256=expected_sha256, max_bytes=self.max_adapter_bytes)
+        if name in self.store:
+            current = self.store.versions(name)[-1]
+            if (current.error is None and current.config_sha256 == _sha256(config)
+                    and current.weights_sha256 == _sha256(weights)):
+                return current
+        record = self.store.put(name, config, weights)
+        log.info("adapter %s: version %d registered (%d bytes)", name, record.version,
+                 record.weights_size)
+        self._changed(name)
+        return record
+
+    def register_source(self, name: str, source: str) -> AdapterRecord:
+        """Fetches an adapter from a local directory under the allowed roots or from s3:// and
+        registers it."""
+        from adapters_registry.sources import fetch_adapter
+
+        files = fetch_adapter(source, name=name, allowed_roots=self.allowed_roots,
+                              max_bytes=self.max_adapter_bytes)
+        return self.register(name, files.config, files.weights)
+
+    def delete(self, name: str) -> None:
+        """New requests get UnknownAdapterError at once; running ones finish on their lease."""
+        self.store.delete(name)
+        log.info("adapter %s: deleted", name)
+        with self._lock:
+            self._pinned.discard(name)
+        self._changed(name)
+
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(name)` is called after `name` is replaced or deleted."""
+        self._listeners.append(listener)
+
+    def _changed(self, name: str) -> None:
+        """Retires every cached version of `name` that is no longer current, tells listeners."""
+        current = self.current_key(name)
+        with self._lock:
+            for key in [k for k in self.cache.snapshot() if k.name == name and k != current]:
+                self.cache.retire(key)
+            repin = name in self._pinned and current is not None
+        if repin:
+            self._request(current, pin=True)  # a pinned adapter's new version is loaded now
+        for listener in self._listeners:
+            listener(name)
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def current_key(self, name: str) -> AdapterKey | None:
+        try:
+            return adapter_key(self.store.get(name))
+        except StoreError:
+            return None
+
+    def acquire(self, name: str) -> Future:
+        """Future[AdapterLease] of `name`'s current version; resolves at once when it is in RAM.
+
+        Raises UnknownAdapterError (or InvalidNameError) now; the future fails with
+        AdapterLoadError if the load does. Pair every lease with one `release`.
+        """
+        key = adapter_key(self._servable(name))
+        return self._request(key, pin=False)
+
+    def release(self, lease: AdapterLease) -> None:
+        with self._lock:
+            self.cache.release(lease.key)
+
+    def pin(self, name: str) -> Future:
+        """Keeps `name` resident in host RAM (loading it now); Future[AdapterKey]."""
+        key = adapter_key(self._servable(name))
+        with self._lock:
+            self._pinned.add(name)
+        return self._request(key, pin=True)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self._pinned.discard(name)
+            for key in self.cache.snapshot():
+                if key.name == name:
+                    self.cache.unpin(key)
+
+    def is_pinned(self, name: str) -> bool:
+        with self._lock:
+            return name in self._pinned
+
+    def resident(self) -> dict[AdapterKey, EntryState]:
+        """The host-RAM tier: every cached version and its state, least recently used first."""
+        with self._lock:
+            return self.cache.snapshot()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _servable(self, name: str) -> AdapterRecord:
+        try:
+            return self.store.get(name)
+        except UnknownAdapterError:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered") from None
+        except AdapterCorruptError as exc:  # found corrupt by an earlier load
+            raise AdapterLoadError(str(exc)) from None
+
+    def _request(self, key: AdapterKey, *, pin: bool) -> Future:
+        future: Future = Future()
+        with self._lock:
+            # A deleted version that is re-registered with the same content has the same key and
+            # may still be resident, retired, under a running request: it is current again.
+            self.cache.revive(key)
+            if self.cache.lookup(key) is not None:
+                self._grant(key, future, pin)
+                return future
+            load = self._loads.get(key)
+            if load is None:
+                load = self._loads[key] = _Load(key)
+                self._executor.submit(self._run_load, load)
+            (load.pins if pin else load.leases).append(future)
+        return future
+
+    def _grant(self, key: AdapterKey, future: Future, pin: bool) -> None:
+        """Hands a resident entry to one waiter (under the lock); skips cancelled waiters."""
+        if not future.set_running_or_notify_cancel():
+            return
+        if pin:
+            if key.name in self._pinned:
+                self.cache.pin(key)
+            future.set_result(key)
+        else:
+            future.set_result(AdapterLease(key, self.cache.acquire(key)))
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _run_load(self, load: _Load) -> None:
+        key = load.key
+        start = time.perf_counter()
+        try:
+            weights = self._read(key)
+            with self._lock:
+                evicted = self.cache.insert(key, weights)
+                self._loads.pop(key)
+                for future in load.leases:
+                    self._grant(key, future, pin=False)
+                for future in load.pins:
+                    self._grant(key, future, pin=True)
+                if self.current_key(key.name) != key:  # replaced or deleted while loading
+                    self.cache.retire(key)
+        except Exception as exc:
+            error = _load_error(key, exc)
+            with self._lock:
+                self._loads.pop(key, None)
+                self.load_failures += 1
+                for future in load.leases + load.pins:
+                    if future.set_running_or_notify_cancel():
+                        future.set_exception(error)
+            log.warning("%s", error)
+            return
+        elapsed = time.perf_counter() - start
+        self.loads += 1
+        self.load_seconds = [*self.load_seconds[-999:], elapsed]
+        log.info("adapter %s: version %d loaded into host RAM in %.1f ms (%.1f MiB)%s", key.name,
+                 key.version, elapsed * 1e3, weights.nbytes / 2**20,
+                 f", evicted {', '.join(k.name for k in evicted)}" if evicted else "")
+
+    def _read(self, key: AdapterKey) -> LoraWeights:
+        """Store -> validated weights; the store verifies every blob's sha256 on read."""
+        config, weights = self.store.open_files(key.name, key.version)
+        return parse_peft_adapter(key.name, config, weights, self.spec, max_rank=self.max_rank)
+
+
+def _load_error(key: AdapterKey, exc: Exception) -> Exception:
+    """The error every waiter of a failed load gets: what failed, for which version, and why."""
+    if isinstance(exc, UnknownAdapterError):  # deleted while the load was queued
+        return UnknownAdapterError(f"adapter {key.name!r} is not registered")
+    what = f"adapter {key.name!r} version {key.version} cannot be loaded"
+    if isinstance(exc, CacheFullError):
+        return AdapterCacheFullError(f"{what}: {exc}")
+    if isinstance(exc, AdapterFormatError):  # stored under another base model or --max-rank
+        return AdapterLoadError(f"{what}: it does not fit the served model: {exc.reason} "
+                                f"({exc.file}{', ' + exc.tensor if exc.tensor else ''})")
+    return AdapterLoadError(f"{what}: {exc}")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
