@@ -249,8 +249,9 @@ class AdapterRegistry:
 
     def _read(self, key: AdapterKey) -> LoraWeights:
         """Store -> validated weights; the store verifies every blob's sha256 on read."""
-        config, weights = self.store.open_files(key.name, key.version)
-        return parse_peft_adapter(key.name, config, weights, self.spec, max_rank=self.max_rank)
+        return self.store.open_files(key.name, key.version, then=lambda config, weights:
+                                     parse_peft_adapter(key.name, config, weights, self.spec,
+                                                        max_rank=self.max_rank))
 
 
 def _load_error(key: AdapterKey, exc: Exception) -> Exception:

@@ -32,13 +32,18 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 from adapters_registry.names import NAME_RULE, is_valid_adapter_name, shown_name
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+_READ_CHUNK = 1 << 20  # blobs are read (and hashed behind the reader) in chunks of this size
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FORMAT = 1
 
@@ -148,7 +153,8 @@ class AdapterStore:
 
         keep_versions: how many versions older than the current one a replace keeps readable.
         verify_on_open: hash every referenced blob now (reads the whole store); otherwise only
-            existence and size are checked here, and `open_files` verifies the sha256 on each read.
+            existence and size are checked here, and `open_files` verifies a blob's sha256 the
+            first time this process reads it (see `_verified`).
         """
         if keep_versions < 0:
             raise ValueError(f"keep_versions must be >= 0, got {keep_versions}")
@@ -162,7 +168,12 @@ class AdapterStore:
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._index: dict[str, _Entry] = {}
+        self._hash_pool: ThreadPoolExecutor | None = None  # sha256 of blobs being read
         self._bad_blobs: dict[str, str] = {}
+        # blob hex -> identity (inode, size, mtime, ctime) of the file when this process last
+        # found or wrote its sha256 correct. A read of an unchanged file skips the hash: any
+        # write, rename or truncate changes the identity; a restart hashes everything again.
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
         self._unreadable_refs: list[str] = []
         for d in (self._blobs, self._refs, self._tmp):
             d.mkdir(parents=True, exist_ok=True)
@@ -228,8 +239,10 @@ class AdapterStore:
             actual = path.stat().st_size
             if actual != size:
                 return f"has {actual} bytes, expected {size}"
-            if verify and _sha256_file(path) != hex_:
-                return "is corrupt (sha256 mismatch)"
+            if verify:
+                if _sha256_file(path) != hex_:
+                    return "is corrupt (sha256 mismatch)"
+                self._verified[hex_] = _identity(path.stat())
         except FileNotFoundError:
             return "is missing"
         return None
@@ -311,6 +324,9 @@ class AdapterStore:
             if not self._lock_file.closed:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
                 self._lock_file.close()
+            pool, self._hash_pool = self._hash_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __enter__(self) -> AdapterStore:
         return self
@@ -326,30 +342,75 @@ class AdapterStore:
         with self._lock:
             return self._servable(name, version)
 
-    def open_files(self, name: str, version: int | None = None) -> tuple[bytes, bytes]:
-        """(adapter_config.json bytes, adapter_model.safetensors bytes), sha256-verified."""
+    def open_files(self, name: str, version: int | None = None, *,
+                   then: Callable[[bytearray, bytearray], T] | None = None):
+        """(adapter_config.json bytes, adapter_model.safetensors bytes), sha256-verified.
+
+        The weights are hashed on another thread while they are read, chunk by chunk (both
+        release the GIL). With `then`, returns `then(config, weights)` instead, computed on this
+        thread while the hash finishes; its result is discarded and AdapterCorruptError raised
+        if the check fails, so nothing computed from corrupt bytes escapes.
+        """
         check_name(name)
         with self._lock:
             record = self._servable(name, version)
-        out = []
-        for hex_, path in ((record.config_sha256, record.config_path),
-                           (record.weights_sha256, record.weights_path)):
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                data = None
-            if data is not None and hashlib.sha256(data).hexdigest() == hex_:
-                out.append(data)
-                continue
-            with self._lock:
-                # A replace or delete may have collected the blob since `record` was taken.
-                self._record(self._entry(name), record.version)
-                reason = "is missing" if data is None else "is corrupt (sha256 mismatch)"
-                log.warning("adapter store %s: blob %s %s", self.root, hex_, reason)
-                self._bad_blobs[hex_] = reason
-            raise AdapterCorruptError(f"adapter {name!r} version {record.version}: blob {hex_} "
-                                      f"{reason}; upload it again")
-        return out[0], out[1]
+        config, config_check = self._read_blob(record, record.config_sha256, record.config_path)
+        weights, weights_check = self._read_blob(record, record.weights_sha256,
+                                                 record.weights_path)
+        try:
+            return then(config, weights) if then is not None else (config, weights)
+        finally:
+            for (digest, identity), hex_ in ((config_check, record.config_sha256),
+                                             (weights_check, record.weights_sha256)):
+                if digest.result() != hex_:
+                    self._corrupt(record, hex_, "is corrupt (sha256 mismatch)")
+                with self._lock:
+                    self._verified[hex_] = identity
+
+    def _read_blob(self, record: AdapterRecord, hex_: str, path: Path
+                   ) -> tuple[bytearray, tuple[Future, tuple[int, int, int, int]]]:
+        """The blob's bytes in a writable buffer (parsers may keep views into it), a future of
+        their sha256 (computed on the hashing thread just behind the reader, unless this
+        unchanged file was verified before) and the file's identity."""
+        try:
+            with open(path, "rb") as f:
+                identity = _identity(os.fstat(f.fileno()))
+                size = identity[1]
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)  # read ahead it all
+                data = bytearray(size)  # reuses memory freed by evicted adapters (malloc)
+                view = memoryview(data)
+                with self._lock:
+                    known = self._verified.get(hex_) == identity
+                hashing = _KnownDigest(hex_) if known else _HashBehind(view, self._hasher())
+                position = 0
+                while position < size:
+                    n = f.readinto(view[position:position + _READ_CHUNK])
+                    if not n:
+                        break
+                    position += n
+                    hashing.filled(position)
+                if position == size and not f.read(1):
+                    return data, (hashing.digest, identity)
+                hashing.filled(-1)
+        except FileNotFoundError:
+            self._corrupt(record, hex_, "is missing")
+        self._corrupt(record, hex_, "changed size while being read")
+
+    def _corrupt(self, record: AdapterRecord, hex_: str, reason: str) -> NoReturn:
+        with self._lock:
+            self._verified.pop(hex_, None)
+            # A replace or delete may have collected the blob since `record` was taken.
+            self._record(self._entry(record.name), record.version)
+            log.warning("adapter store %s: blob %s %s", self.root, hex_, reason)
+            self._bad_blobs[hex_] = reason
+        raise AdapterCorruptError(f"adapter {record.name!r} version {record.version}: blob {hex_} "
+                                  f"{reason}; upload it again")
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="store-sha256")
+            return self._hash_pool
 
     def versions(self, name: str) -> list[AdapterRecord]:
         """Every stored version of `name`, oldest first, unservable ones with `error` set."""
@@ -421,11 +482,13 @@ class AdapterStore:
         if path.is_file() and _sha256_file(path) == hex_:
             with self._lock:
                 self._bad_blobs.pop(hex_, None)
+                self._verified[hex_] = _identity(path.stat())
             return
         tmp = self._write_tmp(data, "blob")
         os.replace(tmp, path)  # also repairs a corrupt blob in place
         with self._lock:
             self._bad_blobs.pop(hex_, None)
+            self._verified[hex_] = _identity(path.stat())  # written from bytes hashed above
         _crash_point("blob.renamed")
         _fsync_dir(self._blobs)
         _crash_point("blob.dir_synced")
@@ -461,6 +524,7 @@ class AdapterStore:
             unreferenced = candidates - set(self._referenced_sizes())
             for hex_ in unreferenced:
                 self._bad_blobs.pop(hex_, None)
+                self._verified.pop(hex_, None)
         removed = 0
         for hex_ in sorted(unreferenced):
             path = self._blobs / hex_
@@ -503,6 +567,53 @@ def _parse_ref(raw: bytes) -> _Entry:
     if doc["current"] not in versions:
         raise ValueError(f"current version {doc['current']!r} is not stored")
     return _Entry(name, doc["current"], dict(sorted(versions.items())))
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _KnownDigest:
+    """Stands in for _HashBehind when the file was verified before and has not changed."""
+
+    def __init__(self, hex_: str):
+        self.digest: Future = Future()
+        self.digest.set_result(hex_)
+
+    def filled(self, position: int) -> None:
+        pass
+
+
+class _HashBehind:
+    """The sha256 of a buffer while it is being filled, on a worker thread.
+
+    The worker hashes whatever has arrived in one call (which releases the GIL), then waits for
+    more. Once the reader is done the rest is hashed in a single call: a worker that needed the
+    GIL once per chunk would stall behind a parser holding it (5 ms per switch).
+    """
+
+    def __init__(self, view: memoryview, pool: ThreadPoolExecutor):
+        self._view = view
+        self._filled = 0  # bytes the reader has written; -1 = the reader gave up
+        self._changed = threading.Condition()
+        self.digest: Future = pool.submit(self._run)
+
+    def filled(self, position: int) -> None:
+        with self._changed:
+            self._filled = position
+            self._changed.notify()
+
+    def _run(self) -> str | None:
+        hasher, done = hashlib.sha256(), 0
+        while done < len(self._view):
+            with self._changed:
+                self._changed.wait_for(lambda: self._filled != done)
+                upto = self._filled
+            if upto < 0:
+                return None
+            hasher.update(self._view[done:upto])
+            done = upto
+        return hasher.hexdigest()
 
 
 def _sha256_file(path: Path) -> str:

@@ -50,6 +50,7 @@ class MultiLoraLinear(nn.Module):
                              persistent=False)
         self.register_buffer("lora_rank", torch.zeros(max_slots, dtype=torch.int32, device=device),
                              persistent=False)
+        self._ranks = [0] * max_slots  # lora_rank on the host: no device read per slot write
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [T, out]
@@ -59,19 +60,29 @@ class MultiLoraLinear(nn.Module):
         return y
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Writes one adapter's A: [r, in] and B: [out, r] into `slot`, zero-padding to max rank."""
-        r = a.shape[0]
-        self.reset_lora(slot)
+        """Writes one adapter's A: [r, in] and B: [out, r] into `slot`, zero-padding to max rank.
+
+        Rows past a slot's rank are always zero, so only the rows the previous occupant used
+        beyond `r` need zeroing: a slot write costs the adapter's size, not max_rank's.
+        """
+        r, previous = a.shape[0], self._ranks[slot]
         self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :r].copy_(b.t())  # [r, out]
+        self.lora_b[slot, :r].t().copy_(b)  # into [r, out]; iterating in b's order is faster
+        self._zero_rows(slot, r, previous)
         self.scale[slot] = scale
         self.lora_rank[slot] = r
+        self._ranks[slot] = r
 
     def reset_lora(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self._zero_rows(slot, 0, self._ranks[slot])
         self.scale[slot] = 0.0
         self.lora_rank[slot] = 0
+        self._ranks[slot] = 0
+
+    def _zero_rows(self, slot: int, start: int, stop: int) -> None:
+        if stop > start:
+            self.lora_a[slot, start:stop].zero_()
+            self.lora_b[slot, start:stop].zero_()
 
 
 def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,

@@ -270,6 +270,34 @@ def test_bit_flip_is_reported_and_never_served(tmp_path):
     assert sha(weights_path.read_bytes()) == sha(W2)
 
 
+def test_work_done_while_verifying_is_discarded_when_the_blob_is_corrupt(tmp_path):
+    with AdapterStore(tmp_path) as s:
+        weights_path = s.put("ad", CFG, W).weights_path
+        assert s.open_files("ad", then=lambda c, w: (bytes(c), bytes(w))) == (CFG, W)
+        data = bytearray(W)
+        data[-1] ^= 0x01
+        weights_path.write_bytes(bytes(data))
+        parsed = []
+        with pytest.raises(AdapterCorruptError, match="sha256 mismatch"):
+            s.open_files("ad", then=lambda c, w: parsed.append(w) or "parsed")
+        assert parsed == [data]  # it ran, but its result never reached the caller
+
+
+def test_a_blob_changed_after_a_verified_read_is_verified_again(tmp_path):
+    """Reads skip the sha256 of a file verified before only while it is unchanged: rewriting it,
+    even with its size and mtime restored, changes its ctime and forces a new check."""
+    with AdapterStore(tmp_path) as s:
+        weights_path = s.put("ad", CFG, W).weights_path
+        assert s.open_files("ad") == (CFG, W)
+        before = weights_path.stat()
+        data = bytearray(W)
+        data[0] ^= 0x01
+        weights_path.write_bytes(bytes(data))
+        os.utime(weights_path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        with pytest.raises(AdapterCorruptError, match="sha256 mismatch"):
+            s.open_files("ad")
+
+
 def test_missing_and_truncated_blobs_are_found_on_open(tmp_path):
     with AdapterStore(tmp_path) as s:
         a = s.put("a", CFG, W)

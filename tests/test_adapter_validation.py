@@ -206,7 +206,13 @@ CORPUS = [
     ("overlapping-offsets", raw_weights(lambda raw: header_only(
         {Q0A: {"dtype": "F32", "shape": [4, HIDDEN], "data_offsets": [0, 2048]},
          Q0B: {"dtype": "F32", "shape": [HIDDEN, 4], "data_offsets": [0, 2048]}}) + bytes(2048)),
-     WEIGHTS_FILE, None, "unreadable (Error while deserializing"),
+     WEIGHTS_FILE, Q0B, "data_offsets [0, 2048] overlaps another tensor"),
+    ("gap-between-tensors", raw_weights(lambda raw: header_only(
+        {Q0A: {"dtype": "F32", "shape": [4, HIDDEN], "data_offsets": [0, 2048]},
+         Q0B: {"dtype": "F32", "shape": [HIDDEN, 4], "data_offsets": [2056, 4104]}}) + bytes(4104)),
+     WEIGHTS_FILE, Q0B, "data_offsets [2056, 4104] leaves a gap"),
+    ("bytes-after-the-last-tensor", raw_weights(lambda raw: raw + bytes(8)), WEIGHTS_FILE, None,
+     "8 bytes after the last tensor"),
     ("no-tensors", raw_weights(lambda raw: as_safetensors({})), WEIGHTS_FILE, None,
      "holds no LoRA tensors"),
     # tensor keys
@@ -482,6 +488,14 @@ def test_peft_saved_adapter_with_patterns_matches_peft(spec, tiny_model_dir, tmp
     peft_model.save_pretrained(tmp_path / "layer1")
     weights = read_peft_adapter(tmp_path / "layer1", spec)
     assert_matches_peft(weights, peft_model, {(1, "v_proj"), (1, "gate_proj")})
+
+
+def test_huge_finite_values_are_accepted(spec, base_files):
+    """The fast finite check sums the data; a sum that overflows falls back to exact checks."""
+    config, tensors = dict(base_files[0]), dict(base_files[1])
+    tensors[Q0A] = torch.full_like(tensors[Q0A], 3e38)
+    weights = parse_peft_adapter("huge", as_json(config), as_safetensors(tensors), spec)
+    assert float(weights.modules[(0, "q_proj")].a.min()) == pytest.approx(3e38)
 
 
 def test_all_linear_and_half_precision_accepted(spec, base_files):

@@ -191,6 +191,17 @@ def test_multi_lora_linear_stores_b_transposed_and_the_rank(kernel_mode):
     assert layer.lora_rank.tolist() == [0, 0, 0, 0]
 
 
+def test_a_slot_reused_by_a_smaller_rank_keeps_zeros_past_the_rank():
+    layer = MultiLoraLinear(torch.nn.Linear(32, 24), LoraContext(), max_slots=2, max_rank=16,
+                            dtype=torch.float32, device=torch.device("cpu"))
+    layer.set_lora(1, torch.ones(8, 32), torch.ones(24, 8), 1.0)
+    layer.set_lora(1, torch.full((3, 32), 2.0), torch.full((24, 3), 2.0), 1.0)
+    assert torch.equal(layer.lora_a[1, :3], torch.full((3, 32), 2.0))
+    assert not layer.lora_a[1, 3:].any() and not layer.lora_b[1, 3:].any()
+    layer.reset_lora(1)
+    assert not layer.lora_a.any() and not layer.lora_b.any() and not layer.scale.any()
+
+
 def test_a_failed_build_warns_once_and_pytorch_serves(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("Error building extension 'loraplex_lora_cpu': c++: not found")

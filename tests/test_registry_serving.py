@@ -117,9 +117,9 @@ def test_a_cold_load_does_not_stall_other_requests(served):
     gate = threading.Event()
     original = registry.store.open_files
 
-    def slow_open(*args):
+    def slow_open(*args, **kwargs):
         assert gate.wait(30)
-        return original(*args)
+        return original(*args, **kwargs)
 
     registry.store.open_files = slow_open
 
@@ -138,7 +138,7 @@ def test_a_request_cancelled_while_its_adapter_loads_leaks_nothing(served):
     engine, registry = served
     gate = threading.Event()
     original = registry.store.open_files
-    registry.store.open_files = lambda *args: (gate.wait(30), original(*args))[1]
+    registry.store.open_files = lambda *args, **kwargs: (gate.wait(30), original(*args, **kwargs))[1]
 
     async def scenario():
         task = asyncio.create_task(engine.generate(greedy_request(PROMPT, "a", 2)))
