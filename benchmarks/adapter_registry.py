@@ -212,8 +212,10 @@ def report(results: list[dict], count: int, command: str, info: dict[str, str]) 
             lines.append(f"| {label} | {ms(loads)} | {ms(slots)} | {ms(end_to_end)} | "
                          f"**{verdict}** |")
         ratio = r["rss_growth"] / r["tensor_bytes"]
-        lines += ["", f"- Reading one blob alone with the page cache dropped takes "
-                      f"{r['disk_ms']:.1f} ms (p50 of 10): the disk's floor under the first row.",
+        lines += ["", f"- The disk's share: a plain read of one blob with the page cache dropped "
+                      f"took {r['disk_ms']:.1f} ms (p50 of 10, after the passes; this VM's disk "
+                      "varies). The registry asks the kernel to read a whole blob ahead "
+                      "(POSIX_FADV_WILLNEED) and hashes behind the reader.",
                   "- The first three rows load into memory that evicted adapters freed (the "
                   "allocator keeps it). The last row differs from the third only in that each "
                   "load lands in memory the process has not used before: the difference is the "
