@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_registry.host_cache import (AdapterKey, AdapterLease, CacheFullError, EntryState,
@@ -47,6 +48,14 @@ class AdapterCacheFullError(AdapterLoadError):
 def adapter_key(record: AdapterRecord) -> AdapterKey:
     both = f"{record.config_sha256}:{record.weights_sha256}".encode()
     return AdapterKey(record.name, record.version, hashlib.sha256(both).hexdigest()[:16])
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    record: AdapterRecord
+    pinned: bool
+    in_host_memory: bool
+    running_requests: int  # leases held on the current version
 
 
 class _Load:
@@ -76,24 +85,28 @@ class AdapterRegistry:
         self.loads = 0
         self.load_failures = 0
         self.load_seconds: list[float] = []  # recent store -> RAM load times, for benchmarks
+        # Called with the seconds each successful store -> RAM load took (metrics).
+        self.load_observer: Callable[[float], None] | None = None
 
     # ---- registration (blocking: store writes fsync) ----------------------------------------
 
     def register(self, name: str, config: bytes, weights: bytes, *,
-                 expected_sha256: str | None = None) -> AdapterRecord:
+                 expected_sha256: str | None = None, version: int | None = None
+                 ) -> AdapterRecord:
         """Validates an adapter's two files and stores them as `name`'s new current version.
 
-        Identical content to the current version is a no-op that returns the current record.
-        Raises AdapterFormatError (nothing stored) or a StoreError.
+        Identical content to the current version is a no-op that returns the current record
+        (unless an explicit `version` asks for a new one). Raises AdapterFormatError (nothing
+        stored) or a StoreError (e.g. InvalidContentError for a version not above the stored).
         """
         parse_peft_adapter(name, config, weights, self.spec, max_rank=self.max_rank,
                            expected_sha256=expected_sha256, max_bytes=self.max_adapter_bytes)
-        if name in self.store:
+        if name in self.store and version is None:
             current = self.store.versions(name)[-1]
             if (current.error is None and current.config_sha256 == _sha256(config)
                     and current.weights_sha256 == _sha256(weights)):
                 return current
-        record = self.store.put(name, config, weights)
+        record = self.store.put(name, config, weights, version=version)
         log.info("adapter %s: version %d registered (%d bytes)", name, record.version,
                  record.weights_size)
         self._changed(name)
@@ -171,6 +184,16 @@ class AdapterRegistry:
         with self._lock:
             return name in self._pinned
 
+    def status(self, name: str) -> AdapterStatus:
+        """The current version's record and where it stands in the host-RAM tier."""
+        record = self.store.versions(name)[-1]  # raises UnknownAdapterError; shows corrupt ones
+        key = adapter_key(record)
+        with self._lock:
+            state = self.cache.snapshot().get(key)
+            return AdapterStatus(record=record, pinned=name in self._pinned,
+                                 in_host_memory=state is not None,
+                                 running_requests=state.refs if state else 0)
+
     def resident(self) -> dict[AdapterKey, EntryState]:
         """The host-RAM tier: every cached version and its state, least recently used first."""
         with self._lock:
@@ -243,6 +266,8 @@ class AdapterRegistry:
         elapsed = time.perf_counter() - start
         self.loads += 1
         self.load_seconds = [*self.load_seconds[-999:], elapsed]
+        if self.load_observer is not None:
+            self.load_observer(elapsed)
         log.info("adapter %s: version %d loaded into host RAM in %.1f ms (%.1f MiB)%s", key.name,
                  key.version, elapsed * 1e3, weights.nbytes / 2**20,
                  f", evicted {', '.join(k.name for k in evicted)}" if evicted else "")

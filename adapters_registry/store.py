@@ -367,6 +367,24 @@ class AdapterStore:
                 with self._lock:
                     self._verified[hex_] = identity
 
+    def read_config(self, name: str, version: int | None = None) -> bytes:
+        """adapter_config.json of the current (or given) version, sha256-verified."""
+        check_name(name)
+        with self._lock:
+            record = self._servable(name, version)
+        config, (digest, identity) = self._read_blob(record, record.config_sha256,
+                                                     record.config_path)
+        if digest.result() != record.config_sha256:
+            self._corrupt(record, record.config_sha256, "is corrupt (sha256 mismatch)")
+        with self._lock:
+            self._verified[record.config_sha256] = identity
+        return bytes(config)
+
+    def total_bytes(self) -> int:
+        """Bytes of every blob the store references (shared blobs counted once)."""
+        with self._lock:
+            return sum(self._referenced_sizes().values())
+
     def _read_blob(self, record: AdapterRecord, hex_: str, path: Path
                    ) -> tuple[bytearray, tuple[Future, tuple[int, int, int, int]]]:
         """The blob's bytes in a writable buffer (parsers may keep views into it), a future of

@@ -10,6 +10,7 @@ weights to write when the version is not in a slot yet.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Callable
 
@@ -27,8 +28,11 @@ class AdapterSlots:
         self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out low slots first
         self._idle: OrderedDict[AdapterKey, int] = OrderedDict()  # least recently used first
         self._retired: set[AdapterKey] = set()  # replaced or deleted, still busy
-        self.loads = 0
+        self.loads = 0  # = misses: acquires that had to write a slot
+        self.hits = 0  # acquires that found their version already in a slot
         self.evictions = 0
+        # Called with the seconds each slot write took (metrics); None = nobody listens.
+        self.write_observer: Callable[[float], None] | None = None
 
     def acquire(self, lease: AdapterLease) -> int | None:
         """Slot holding the lease's version with one more reference; loads it if needed.
@@ -41,9 +45,14 @@ class AdapterSlots:
             slot = self._take_slot()
             if slot is None:
                 return None
+            start = time.perf_counter()
             self._load(slot, lease)
+            if self.write_observer is not None:
+                self.write_observer(time.perf_counter() - start)
             self.loads += 1
             self.slot_of[key] = slot
+        else:
+            self.hits += 1
         self._idle.pop(key, None)
         self._retired.discard(key)  # only current versions are acquired (re-registered content)
         self.refs[slot] += 1

@@ -5,7 +5,8 @@ between steps, and receive outputs through their event loop (`call_soon_threadsa
 
 With a registry, a request's adapter is leased before the request reaches the loop (a cold one is
 loaded on the registry's worker threads while the loop keeps stepping) and released when the
-request ends, however it ends.
+request ends, however it ends. An observer (metrics, request logs) gets one `RequestRecord` per
+request, finished, cancelled or refused.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from adapters_registry.host_cache import AdapterLease
 from adapters_registry.peft_format import LoraWeights
-from adapters_registry.registry import AdapterRegistry
-from server.engine import EngineCore, GenerationRequest, RequestOutput
+from adapters_registry.registry import AdapterLoadError, AdapterRegistry
+from adapters_registry.store import UnknownAdapterError
+from server.engine import EngineCore, GenerationRequest, Overloaded, RequestOutput, UnknownAdapter
+from server.sampler import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +41,52 @@ class GenerationResult:
     logprobs: list[float] = field(default_factory=list)
 
 
+@dataclass
+class RequestRecord:
+    """One request's life, for metrics and the request log. Times in seconds."""
+
+    request_id: str
+    adapter: str | None
+    outcome: str  # a finish reason (length, stop, eos, cancelled) or why it was refused
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float | None = None  # arrival in the engine to first scheduled
+    ttft_seconds: float | None = None  # submission (lease wait included) to first token
+    e2e_seconds: float = 0.0  # submission to the end
+    token_gaps: list[float] = field(default_factory=list)  # between consecutive tokens
+
+
+# Why a request was refused before it ran, by exception type (first match wins).
+REFUSALS = ((InvalidRequest, "invalid"), (UnknownAdapter, "unknown_adapter"),
+            (UnknownAdapterError, "unknown_adapter"), (Overloaded, "overloaded"),
+            (AdapterLoadError, "adapter_unavailable"), (Exception, "error"))
+
+
+@dataclass
+class _Tracked:
+    """A request the loop thread is running: where its outputs go and what it holds."""
+
+    sink: Callable[[RequestOutput], None]
+    lease: AdapterLease | None
+    adapter: str | None
+    submitted: float  # time.monotonic() when stream() was called
+    token_times: list[float] = field(default_factory=list)
+
+
 class Engine:
-    def __init__(self, core: EngineCore, registry: AdapterRegistry | None = None):
-        """Without a registry, requests may name only adapters resident in the core."""
+    def __init__(self, core: EngineCore, registry: AdapterRegistry | None = None,
+                 observer: Callable[[RequestRecord], None] | None = None):
+        """Without a registry, requests may name only adapters resident in the core.
+
+        `observer` is called once per request, on the loop thread or the caller's event loop;
+        it must be quick and thread-safe.
+        """
         self.core = core
         self.registry = registry
-        self._leases: dict[str, AdapterLease] = {}  # request id -> lease, on the loop thread
+        self.observer = observer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._requests: dict[str, _Tracked] = {}  # on the loop thread
         self._ids = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
@@ -78,8 +118,13 @@ class Engine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         request_id = f"r{next(self._ids)}"
+        submitted = time.monotonic()
         added = loop.create_future()
-        lease = await self._lease(request)
+        try:
+            lease = await self._lease(request)
+        except Exception as exc:
+            self._refused(request_id, request, submitted, exc)
+            raise
 
         def deliver(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
@@ -87,9 +132,8 @@ class Engine:
         def add() -> None:
             try:
                 self.core.add_request(request, request_id, adapter=lease)
-                self._sinks[request_id] = deliver
-                if lease is not None:
-                    self._leases[request_id] = lease
+                self._requests[request_id] = _Tracked(deliver, lease, request.adapter_id,
+                                                      submitted)
                 loop.call_soon_threadsafe(_resolve, added, None)
             except Exception as exc:  # validation errors travel back to the caller
                 if lease is not None:
@@ -102,6 +146,7 @@ class Engine:
             error = await added
             if error is not None:
                 finished = True
+                self._refused(request_id, request, submitted, error)
                 raise error
             while not finished:
                 out = await outputs.get()
@@ -121,6 +166,13 @@ class Engine:
         except asyncio.CancelledError:
             future.add_done_callback(self._release_unused)  # granted after the caller left
             raise
+
+    def _refused(self, request_id: str, request: GenerationRequest, submitted: float,
+                 error: Exception) -> None:
+        if self.observer is not None:
+            outcome = next(label for kind, label in REFUSALS if isinstance(error, kind))
+            self.observer(RequestRecord(request_id, request.adapter_id or None, outcome,
+                                        e2e_seconds=time.monotonic() - submitted))
 
     def _release_unused(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -195,28 +247,40 @@ class Engine:
             raise box[0]
 
     def _abort(self, request_id: str) -> None:
-        self._sinks.pop(request_id, None)
-        self.core.abort(request_id)
-        self._end(request_id)
+        """The caller left: cancel the request; nobody listens to its last output."""
+        tracked = self._requests.pop(request_id, None)
+        out = self.core.abort(request_id)
+        if tracked is not None and out is not None:
+            self._end(tracked, out)
 
     def _emit(self, out: RequestOutput) -> None:
-        if out.finished:
-            self._end(out.request_id)
-        sink = self._sinks.get(out.request_id)
-        if sink is None:
+        tracked = self._requests.get(out.request_id)
+        if tracked is None:
             return
+        if out.new_token_ids:
+            tracked.token_times.append(time.monotonic())
         if out.finished:
-            del self._sinks[out.request_id]
-        sink(out)
+            del self._requests[out.request_id]
+            self._end(tracked, out)
+        tracked.sink(out)
 
-    def _end(self, request_id: str) -> None:
-        """The request is over: its adapter lease goes back to the registry."""
-        lease = self._leases.pop(request_id, None)
-        if lease is not None:
-            self.registry.release(lease)
+    def _end(self, tracked: _Tracked, last: RequestOutput) -> None:
+        """The request is over: its lease goes back to the registry, the observer hears of it."""
+        if tracked.lease is not None:
+            self.registry.release(tracked.lease)
+        if self.observer is None:
+            return
+        times = tracked.token_times
+        self.observer(RequestRecord(
+            last.request_id, tracked.adapter, last.finish_reason,
+            prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+            queue_seconds=last.queue_seconds,
+            ttft_seconds=times[0] - tracked.submitted if times else None,
+            e2e_seconds=time.monotonic() - tracked.submitted,
+            token_gaps=[b - a for a, b in zip(times, times[1:])]))
 
     def _fail_all(self) -> None:
-        for request_id in list(self._sinks):
+        for request_id in list(self._requests):
             out = self.core.abort(request_id)
             if out is not None:
                 self._emit(out)

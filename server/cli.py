@@ -16,8 +16,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # loraplex never downloads weights at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from server.config import (ConfigError, EngineConfig, RegistryConfig, add_arguments,  # noqa: E402
-                           from_arguments)
+from server.config import (ConfigError, EngineConfig, RegistryConfig,  # noqa: E402
+                           ServerConfig, add_arguments, from_arguments)
 
 log = logging.getLogger("loraplex")
 
@@ -25,8 +25,8 @@ log = logging.getLogger("loraplex")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LORAPLEX_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _configure_logging(getattr(args, "log_format", None)
+                       or os.environ.get("LORAPLEX_LOG_FORMAT", "text"))
     _quiet_libraries()
     try:
         return args.run(args) or 0
@@ -65,7 +65,33 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("LORAPLEX_PORT", "50051")),
                        help="gRPC port; 0 picks a free one [env LORAPLEX_PORT]")
     add_arguments(serve, RegistryConfig)
+    add_arguments(serve, ServerConfig)
     serve.set_defaults(run=_run_serve)
+
+    from pathlib import Path
+
+    from server.config import DTYPE_CHOICES, QUANTIZE_CHOICES
+
+    cost = commands.add_parser("cost", help="memory of one base + N adapters against N fully "
+                                            "fine-tuned copies: a table and a PNG chart")
+    cost.add_argument("--model", type=Path, default=None,
+                      help="model directory (default: the demo model and its adapters)")
+    cost.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                      help="as for serve (default nf4)")
+    cost.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                      help="as for serve: dtype of the unquantized weights (default float32)")
+    cost.add_argument("--max-slots", type=int, default=None,
+                      help="as for serve: slot tables reserved for this many adapters")
+    cost.add_argument("--max-rank", type=int, default=None, help="as for serve: slot table rank")
+    cost.add_argument("--lora-dtype", choices=DTYPE_CHOICES, default=None,
+                      help="as for serve: dtype of the slot tables")
+    cost.add_argument("--adapter-dir", action="append", default=[], metavar="NAME=PATH",
+                      help="a PEFT adapter directory (repeatable); without --model the demo "
+                           "adapters are added too")
+    cost.add_argument("--out", default="cost.png", help="where to write the PNG chart")
+    cost.add_argument("--max-adapters", type=int, default=1000, help="largest N on the chart")
+    cost.add_argument("--cache-dir", default=None, help="demo asset cache [env LORAPLEX_CACHE_DIR]")
+    cost.set_defaults(run=_run_cost)
     return parser
 
 
@@ -110,16 +136,62 @@ def _run_serve(args) -> None:
     from server.grpc_server import serve
 
     registry_config = from_arguments(args, RegistryConfig)
-    core, adapters = _load_core(args, resident=False)
-    registry = _open_registry(registry_config, core, args.cache_dir)
-    try:
+    server_config = from_arguments(args, ServerConfig)
+    from_arguments(args, EngineConfig)  # flag errors now, before the port opens
+    opened = []
+
+    def load():
+        core, adapters = _load_core(args, resident=False)
+        registry = _open_registry(registry_config, core, args.cache_dir)
+        opened.append(registry)
         for name, path in adapters.items():
             _register_directory(registry, name, path)
         log.info("adapter store %s: %d adapters", registry.store.root, len(registry.store))
-        asyncio.run(serve(core, host=args.host, port=args.port, registry=registry))
+        return core, registry
+
+    try:
+        asyncio.run(serve(load, host=args.host, port=args.port, config=server_config))
     finally:
-        registry.close()
-        registry.store.close()
+        for registry in opened:
+            registry.close()
+            registry.store.close()
+
+
+def _run_cost(args) -> None:
+    """Loads the base on CPU as `serve` would (quantized, slot tables reserved), reads the
+    adapters, prints the table and writes the chart."""
+    from adapters_registry.peft_format import read_peft_adapter
+    from server.cost import cost_report, format_table, write_chart
+    from server.engine import DTYPES
+    from server.lora_layer import LoraContext, wrap_lora_targets
+    from server.model import load_model
+
+    config = from_arguments(args, EngineConfig)
+    if args.max_adapters < 1:
+        raise ConfigError("--max-adapters must be at least 1")
+    adapters = _adapter_dirs(args.adapter_dir)
+    if config.model is None:
+        from server.demo import build_demo
+
+        assets = build_demo(args.cache_dir, progress=_progress)
+        config.model = assets.model_dir
+        adapters = {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
+    if not adapters:
+        raise ConfigError("cost compares adapters with fine-tuned copies: give at least one "
+                          "--adapter-dir NAME=PATH")
+    # On CPU whatever the machine has: a cost report must not take memory from a GPU server.
+    model = load_model(config.model, quantize=config.quantize, device="cpu",
+                       dtype=DTYPES[config.dtype])
+    wrap_lora_targets(model.hf, LoraContext(), max_slots=config.max_slots,
+                      max_rank=config.max_rank, dtype=DTYPES[config.lora_dtype],
+                      device=model.device)
+    weights = {name: read_peft_adapter(path, model.spec, name=name, max_rank=config.max_rank)
+               for name, path in adapters.items()}
+    report = cost_report(model, weights, config.model)
+    print(format_table(report))
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font cache notices
+    write_chart(report, args.out, max_adapters=args.max_adapters)
+    print(f"chart: {args.out}")
 
 
 def _load_core(args, resident: bool = True):
@@ -183,6 +255,19 @@ def _adapter_dirs(values: list[str]) -> dict[str, str]:
 
 def _progress(message: str) -> None:
     log.info("%s", message)
+
+
+def _configure_logging(log_format: str) -> None:
+    """Text lines, or one JSON object per line (`--log-format json`); LORAPLEX_LOG_LEVEL sets
+    the level."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from server.request_log import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=os.environ.get("LORAPLEX_LOG_LEVEL", "INFO"), handlers=[handler])
 
 
 def _quiet_libraries() -> None:

@@ -70,12 +70,16 @@ class EngineConfig:
     threads: int = field(
         default=0,
         metadata={"help": "CPU threads for torch; 0 = leave torch's default."})
+    max_queue: int = field(
+        default=1024,
+        metadata={"help": "Most requests waiting for a place in the running batch; more are "
+                          "refused with RESOURCE_EXHAUSTED."})
 
     def validate(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ConfigError(f"--quantize must be one of {QUANTIZE_CHOICES}, not {self.quantize!r}")
         for name in ("max_slots", "max_rank", "max_batch_size", "max_step_tokens",
-                     "kv_block_size"):
+                     "kv_block_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.kv_cache_mb <= 0:
@@ -91,7 +95,7 @@ class EngineConfig:
 class RegistryConfig:
     """Where adapters are stored and how much host RAM holds them (adapters_registry)."""
 
-    adapter_store: str = field(
+    store: str = field(
         default="",
         metadata={"help": "Directory of the durable adapter store; '' = "
                           "$LORAPLEX_CACHE_DIR/adapter-store (~/.cache/loraplex/adapter-store)."})
@@ -127,10 +131,73 @@ class RegistryConfig:
         return [Path(p) for p in self.adapter_source_roots.split(os.pathsep) if p]
 
     def store_path(self, cache_dir: str | None = None) -> Path:
-        if self.adapter_store:
-            return Path(self.adapter_store).expanduser()
+        if self.store:
+            return Path(self.store).expanduser()
         base = cache_dir or os.environ.get("LORAPLEX_CACHE_DIR") or Path.home() / ".cache/loraplex"
         return Path(base).expanduser() / "adapter-store"
+
+
+@dataclass
+class ServerConfig:
+    """The gRPC server around the engine: auth, TLS, metrics, shutdown."""
+
+    admin_token_file: str = field(
+        default="",
+        metadata={"help": "File holding the bearer token the Admin service requires (or set "
+                          "LORAPLEX_ADMIN_TOKEN to the token itself); neither = no Admin service."})
+    inference_token_file: str = field(
+        default="",
+        metadata={"help": "File holding a bearer token Inference calls must carry (or set "
+                          "LORAPLEX_INFERENCE_TOKEN); neither = Inference is open."})
+    tls_cert_file: str = field(
+        default="",
+        metadata={"help": "PEM certificate chain: serve TLS (with --tls-key-file)."})
+    tls_key_file: str = field(
+        default="",
+        metadata={"help": "PEM private key of --tls-cert-file."})
+    tls_client_ca_file: str = field(
+        default="",
+        metadata={"help": "PEM CA bundle: require client certificates signed by it (mTLS)."})
+    metrics_port: int = field(
+        default=0,
+        metadata={"help": "Port of the Prometheus /metrics endpoint; 0 = off."})
+    grace_seconds: float = field(
+        default=30.0,
+        metadata={"help": "On SIGTERM, how long in-flight requests may take to finish."})
+    max_message_mb: float = field(
+        default=8.0,
+        metadata={"help": "Largest gRPC message accepted, in MiB (uploads are chunked)."})
+    top_adapters: int = field(
+        default=20,
+        metadata={"help": "Per-adapter metrics name the K busiest adapters; the rest count "
+                          "under adapter=\"_other\"."})
+    vllm_metrics: bool = field(
+        default=False,
+        metadata={"help": "Also export vLLM's metric names (vllm:num_requests_waiting, "
+                          "vllm:lora_requests_info, ...) for the Gateway API Inference "
+                          "Extension's endpoint picker."})
+    log_format: str = field(
+        default="text",
+        metadata={"help": "Log lines as text or as one JSON object each.",
+                  "choices": ("text", "json")})
+
+    def validate(self) -> None:
+        for flag in ("admin_token_file", "inference_token_file", "tls_cert_file", "tls_key_file",
+                     "tls_client_ca_file"):
+            path = getattr(self, flag)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"--{flag.replace('_', '-')}: file not found: {path}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("--tls-client-ca-file (mTLS) needs --tls-cert-file and "
+                              "--tls-key-file")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("--metrics-port must be in [0, 65535]")
+        if self.top_adapters < 0:
+            raise ConfigError("--top-adapters must be >= 0")
+        if self.grace_seconds < 0 or self.max_message_mb <= 0:
+            raise ConfigError("--grace-seconds must be >= 0 and --max-message-mb positive")
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig) -> None:
@@ -145,6 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig) -> N
                   "type": kind}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if isinstance(f.default, bool):  # `--flag` alone means true; `--flag false` also works
+            kwargs.update(nargs="?", const=True)
         parser.add_argument(flag, **kwargs)
 
 

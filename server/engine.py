@@ -26,7 +26,7 @@ from server.lora_layer import LoraContext, clear_slot, wrap_lora_targets, write_
 from server.model import LoadedModel
 from server.model_step import ModelRunner, SeqChunk, build_step_inputs
 from server.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
-from server.scheduler import ScheduledChunk, Scheduler, Sequence, SeqStatus
+from server.scheduler import ScheduledChunk, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ class UnknownAdapter(KeyError):
 
     def __str__(self) -> str:
         return f"adapter {self.args[0]!r} is not loaded"
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full (--max-queue); the caller should retry later."""
 
 
 class FinishReason:
@@ -67,6 +71,7 @@ class RequestOutput:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    queue_seconds: float | None = None  # when finished: arrival to first scheduled (or to end)
 
 
 @dataclass
@@ -145,6 +150,9 @@ class EngineCore:
         request ends); without one, the adapter must be resident (`add_adapter`).
         """
         request_id = request_id or f"req-{next(self._ids)}"
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise Overloaded(f"server overloaded: {len(self.scheduler.waiting)} requests are "
+                             f"waiting (--max-queue {self.config.max_queue}); retry later")
         prompt_ids = self._prompt_ids(request)
         params = request.params
         params.validate(self.model.spec.vocab_size)
@@ -279,10 +287,13 @@ class EngineCore:
     def _output(self, live: _Live, token_ids: list[int], text: str, logprobs: list[float],
                 reason: str | None) -> RequestOutput:
         seq = live.seq
+        queue_seconds = None
+        if reason is not None:
+            queue_seconds = (seq.first_scheduled_time or time.monotonic()) - seq.arrival_time
         return RequestOutput(request_id=seq.request_id, new_token_ids=token_ids, new_text=text,
                              new_logprobs=logprobs, finished=reason is not None,
                              finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
-                             completion_tokens=len(seq.output_ids))
+                             completion_tokens=len(seq.output_ids), queue_seconds=queue_seconds)
 
 
 def _chunk(c: ScheduledChunk) -> SeqChunk:

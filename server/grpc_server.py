@@ -1,9 +1,10 @@
-"""The gRPC face of the engine: the Inference service, grpc.health.v1 and server reflection.
+"""The gRPC server: Inference, Admin, grpc.health.v1 and reflection on one port.
 
-Domain errors map to precise status codes (bad input -> INVALID_ARGUMENT, unknown adapter ->
-NOT_FOUND, an adapter that cannot be loaded -> FAILED_PRECONDITION, host adapter cache full of
-in-use adapters -> RESOURCE_EXHAUSTED); only a bug is INTERNAL. SIGTERM or SIGINT: health turns NOT_SERVING, in-flight
-requests get `grace` seconds to finish, then the process exits.
+`serve` opens the port first, with health NOT_SERVING, loads the model on a thread, then turns
+SERVING; calls that arrive before get UNAVAILABLE. On SIGTERM or SIGINT health turns NOT_SERVING
+again, new calls are refused, in-flight ones get `--grace-seconds` to finish, then the process
+exits. Domain errors become status codes in server/grpc_errors.py; tokens and TLS are in
+server/auth.py.
 """
 
 from __future__ import annotations
@@ -11,43 +12,67 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError, AdapterRegistry
-from adapters_registry.store import InvalidNameError, UnknownAdapterError
-from loraplex.v1 import inference_pb2, inference_pb2_grpc
-from server.async_engine import Engine
-from server.engine import EngineCore, FinishReason, GenerationRequest, UnknownAdapter
+from adapters_registry.registry import AdapterRegistry
+from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.admin import AdminServicer
+from server.cost import CostReport, cost_report
+from server.async_engine import Engine, RequestRecord
+from server.auth import AuthInterceptor, Tokens, load_tokens, server_credentials
+from server.config import ServerConfig
+from server.engine import EngineCore, FinishReason, GenerationRequest
+from server.grpc_errors import ErrorInterceptor, NotReady
+from server.metrics import Metrics
+from server.request_log import log_request
 from server.sampler import InvalidRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 FINISH_REASONS = {
     FinishReason.LENGTH: inference_pb2.LENGTH,
     FinishReason.STOP: inference_pb2.STOP,
     FinishReason.EOS: inference_pb2.EOS,
     FinishReason.CANCELLED: inference_pb2.CANCELLED,
 }
-# First match wins: subclasses before their bases.
-STATUS_OF = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-             InvalidNameError: grpc.StatusCode.INVALID_ARGUMENT,
-             UnknownAdapter: grpc.StatusCode.NOT_FOUND,
-             UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
-             AdapterCacheFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-             AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION}
-DOMAIN_ERRORS = tuple(STATUS_OF)
+
+
+@dataclass(frozen=True)
+class Ready:
+    engine: Engine
+    registry: AdapterRegistry | None  # None: only adapters resident in the core are served
+    cost: CostReport  # measured at load: the base as served, slot tables, one full copy
+
+
+class Backend:
+    """What the servicers serve from: empty until the model is loaded."""
+
+    def __init__(self):
+        self._ready: Ready | None = None
+
+    def ready(self) -> Ready:
+        if self._ready is None:
+            raise NotReady("the model is still loading; retry when health is SERVING")
+        return self._ready
+
+    def set_ready(self, engine: Engine, registry: AdapterRegistry | None) -> None:
+        model = engine.core.model
+        self._ready = Ready(engine, registry, cost_report(model, {}, model.model_dir))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, backend: Backend):
+        self.backend = backend
 
     async def Generate(self, request, context):
-        result = await self.engine.generate(to_generation_request(request))
+        result = await self.backend.ready().engine.generate(to_generation_request(request))
         return inference_pb2.GenerateResponse(
             text=result.text, token_ids=result.token_ids,
             finish_reason=FINISH_REASONS[result.finish_reason],
@@ -56,7 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             logprobs=result.logprobs)
 
     async def GenerateStream(self, request, context):
-        async for out in self.engine.stream(to_generation_request(request)):
+        async for out in self.backend.ready().engine.stream(to_generation_request(request)):
             message = inference_pb2.GenerateResponse(
                 text=out.new_text, token_ids=out.new_token_ids, logprobs=out.new_logprobs)
             if out.finished:
@@ -66,7 +91,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             yield message
 
     async def Tokenize(self, request, context):
-        ids = self.engine.core.tokenizer(request.text,
+        ids = self.backend.ready().engine.core.tokenizer(request.text,
                                          add_special_tokens=request.add_special_tokens)["input_ids"]
         return inference_pb2.TokenizeResponse(token_ids=ids)
 
@@ -93,78 +118,112 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
                              adapter_id=request.adapter_id or None, params=params)
 
 
-class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Aborts an RPC that raised a domain error with the matching status and its message."""
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    backend: Backend
+    health: health.aio.HealthServicer
+    metrics: Metrics
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is not None and handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
-        if handler is not None and handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
-        return handler
+    def start_engine(self, core: EngineCore, registry: AdapterRegistry | None) -> Engine:
+        """Runs `core` behind the services, reporting each request to the metrics and the log."""
+        self.metrics.watch_loads(registry, core.slots)
 
+        def observe(record: RequestRecord) -> None:
+            self.metrics.observe(record)
+            log_request(record)
 
-def _unary(behavior):
-    async def wrapped(request, context):
-        try:
-            return await behavior(request, context)
-        except DOMAIN_ERRORS as exc:
-            await context.abort(_status_of(exc), str(exc))
-    return wrapped
+        engine = Engine(core, registry, observer=observe)
+        self.backend.set_ready(engine, registry)
+        return engine
 
-
-def _unary_stream(behavior):
-    async def wrapped(request, context):
-        try:
-            async for message in behavior(request, context):
-                yield message
-        except DOMAIN_ERRORS as exc:
-            await context.abort(_status_of(exc), str(exc))
-    return wrapped
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", INFERENCE_SERVICE, ADMIN_SERVICE):
+            await self.health.set(service, status)
 
 
-def _status_of(exc: Exception) -> grpc.StatusCode:
-    return next(code for kind, code in STATUS_OF.items() if isinstance(exc, kind))
+async def start_server(address: str, *, tokens: Tokens = Tokens(None, None),
+                       credentials: grpc.ServerCredentials | None = None,
+                       max_message_bytes: int = 8 << 20, top_adapters: int = 20,
+                       vllm_metrics: bool = False) -> RunningServer:
+    """Opens `address` ('host:0' picks a free port) with every service; health NOT_SERVING.
 
-
-async def create_server(core: EngineCore, address: str, registry: AdapterRegistry | None = None
-                        ) -> tuple[grpc.aio.Server, int, Engine, health.aio.HealthServicer]:
-    """Builds and starts the server on `address` ('host:0' picks a free port).
-
-    With a registry, adapters come from it; without, only those resident in `core` are served.
+    The Admin service is offered only when an admin token is configured.
     """
-    engine = Engine(core, registry)
-    server = grpc.aio.server(interceptors=[DomainErrorInterceptor()])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    backend = Backend()
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.aio.server(interceptors=[AuthInterceptor(tokens), ErrorInterceptor()],
+                             options=options)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(backend), server)
+    services = [INFERENCE_SERVICE]
+    if tokens.admin is not None:
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), server)
+        services.append(ADMIN_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
     await server.start()
-    for service in ("", INFERENCE_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, engine, health_servicer
+    metrics = Metrics(backend, top_adapters=top_adapters, vllm_metrics=vllm_metrics)
+    running = RunningServer(server, port, backend, health_servicer, metrics)
+    await running.set_serving(False)
+    return running
 
 
-async def serve(core: EngineCore, *, host: str, port: int, registry: AdapterRegistry | None = None,
-                grace: float = 30.0) -> None:
-    server, bound, engine, health_servicer = await create_server(core, f"{host}:{port}", registry)
-    log.info("serving on %s:%d", host, bound)
+async def create_server(core: EngineCore, address: str, registry: AdapterRegistry | None = None,
+                        **options) -> RunningServer:
+    """A started, SERVING server around an already loaded core (tests, embedding)."""
+    running = await start_server(address, **options)
+    running.start_engine(core, registry)
+    await running.set_serving(True)
+    return running
+
+
+async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host: str, port: int,
+                config: ServerConfig) -> None:
+    """Runs the server until SIGTERM/SIGINT; `load()` (on a thread) builds the core and registry.
+
+    An exception from `load` stops the server and propagates.
+    """
+    running = await start_server(f"{host}:{port}", tokens=load_tokens(config),
+                                 credentials=server_credentials(config),
+                                 max_message_bytes=int(config.max_message_mb * 2**20),
+                                 top_adapters=config.top_adapters,
+                                 vllm_metrics=config.vllm_metrics)
+    log.info("listening on %s:%d; health NOT_SERVING until the model is loaded", host,
+             running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining: NOT_SERVING, %.0f s grace for in-flight requests", grace)
-    for service in ("", INFERENCE_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace)
-    engine.close()
+    engine = None
+    loading = asyncio.ensure_future(asyncio.to_thread(load))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            core, registry = loading.result()
+            engine = running.start_engine(core, registry)
+            if config.metrics_port:
+                running.metrics.serve(config.metrics_port)
+                log.info("metrics on :%d/metrics", config.metrics_port)
+            await running.set_serving(True)
+            log.info("serving on %s:%d", host, running.port)
+            await stopping
+        log.info("draining: NOT_SERVING, %.0f s grace for in-flight requests",
+                 config.grace_seconds)
+    finally:
+        for task in (loading, stopping):
+            task.cancel()  # the load's thread itself runs to its end (threads cannot be stopped)
+        await running.set_serving(False)
+        await running.server.stop(config.grace_seconds)
+        if engine is not None:
+            engine.close()
     log.info("stopped")

@@ -51,6 +51,10 @@ class KVCache:
                   for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores new keys and values. rows: [T] cache rows; k, v: [T, kv_heads, head_dim]."""
         self.k[layer].index_copy_(1, rows, k.transpose(0, 1).to(self.k[layer].dtype))

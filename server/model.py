@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     spec: BaseModelSpec
     name: str
+    model_dir: Path  # where it was loaded from (its checkpoint: what a full copy weighs)
     quantize: str
     device: torch.device
     dtype: torch.dtype
@@ -43,16 +44,6 @@ class LoadedModel:
     @property
     def config(self):
         return self.hf.config
-
-    def weight_bytes(self) -> int:
-        """Bytes of the base model as served (quantized weights plus their quant state)."""
-        total = sum(p.numel() * p.element_size() for p in self.hf.parameters())
-        total += sum(b.numel() * b.element_size() for b in self.hf.buffers())
-        for module in self.hf.modules():
-            state = getattr(getattr(module, "weight", None), "quant_state", None)
-            if state is not None:
-                total += state.absmax.numel() * state.absmax.element_size()
-        return total
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,7 +77,7 @@ def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "a
         raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(exc)}") from None
     hf.eval().requires_grad_(False)
     return LoadedModel(hf=hf, tokenizer=tokenizer, spec=model_spec(hf), name=model_dir.name,
-                       quantize=quantize, device=target, dtype=dtype)
+                       model_dir=model_dir, quantize=quantize, device=target, dtype=dtype)
 
 
 def model_spec(hf: torch.nn.Module) -> BaseModelSpec:

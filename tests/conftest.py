@@ -44,3 +44,13 @@ def tiny_adapter_dirs(tmp_path_factory, tiny_model_dir):
         dirs[name] = root / name
         write_lora_adapter(dirs[name], base_model_dir=tiny_model_dir, init_std=0.2, **kwargs)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A LORAPLEX_CACHE_DIR with the demo model and adapters built, for server processes."""
+    from server.demo import build_demo
+
+    root = tmp_path_factory.mktemp("loraplex-cache")
+    build_demo(root, progress=None)
+    return root

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import grpc
@@ -11,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.grpc_server import create_server
 from tests.engine_helpers import greedy_request, make_core, run_to_completion
+from tests.inprocess_server import serving
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +21,8 @@ def core(tiny_model_dir, tiny_adapter_dirs):
 
 @pytest.fixture(scope="module")
 def channel(core):
-    """Runs the server on its own event loop thread; yields a channel to it."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state = {}
-
-    async def start():
-        state["server"], state["port"], state["engine"], _ = await create_server(
-            core, "127.0.0.1:0")
-        started.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()),
-                                              loop.run_forever()), daemon=True)
-    thread.start()
-    assert started.wait(60)
-    with grpc.insecure_channel(f"127.0.0.1:{state['port']}") as chan:
+    with serving(core) as (chan, _):
         yield chan
-    asyncio.run_coroutine_threadsafe(state["server"].stop(None), loop).result(10)
-    state["engine"].close()
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,187 @@
+"""What the sync and asyncio clients share: result types, errors, request building, upload files.
+
+Imports only grpc, protobuf and the generated stubs: a client machine needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from loraplex.v1 import admin_pb2, inference_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+UPLOAD_CHUNK_BYTES = 1 << 20  # the size admin.proto recommends
+
+# The protobuf messages are the public types: typed by their .pyi stubs, nothing to keep in sync.
+AdapterInfo = admin_pb2.AdapterInfo
+ServerInfo = admin_pb2.ServerInfo
+
+Progress = Callable[[int, int], None]  # (sent_bytes, total_bytes)
+PathOrPem = str | os.PathLike | bytes  # a PEM file's path, or its content
+
+
+class LoraplexError(Exception):
+    """An RPC failed. `code`: a grpc.StatusCode; `str()`: "CODE: details", e.g.
+    "NOT_FOUND: adapter 'x' is not registered"."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    def __reduce__(self):  # picklable, e.g. across a process pool
+        return type(self), (self.code, self.details)
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Re-raises a grpc.RpcError (sync or aio) as a LoraplexError."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise LoraplexError(error.code(), error.details() or "") from None
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "length", "stop", "eos" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float]  # one per token id when requested, else empty
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    text: str  # the new text only
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None  # set on the last delta
+    prompt_tokens: int | None = None  # usage: set on the last delta
+    completion_tokens: int | None = None
+
+
+def _finish_reason(value: int) -> str | None:
+    if value == inference_pb2.FINISH_REASON_UNSPECIFIED:
+        return None
+    return inference_pb2.FinishReason.Name(value).lower()
+
+
+def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
+                     adapter: str | None, logprobs: bool,
+                     **params) -> inference_pb2.GenerateRequest:
+    """`params` are SamplingParams fields; only those not None are set, and `params` itself only
+    when one is, so the server's defaults apply to everything the caller left out."""
+    if (prompt is None) == (prompt_token_ids is None):
+        raise ValueError("give exactly one of prompt and prompt_token_ids")
+    request = inference_pb2.GenerateRequest(
+        prompt=prompt or "", prompt_token_ids=prompt_token_ids or (), adapter_id=adapter or "",
+        return_logprobs=logprobs)
+    given = {key: value for key, value in params.items() if value is not None}
+    if isinstance(given.get("stop"), str):
+        given["stop"] = [given["stop"]]
+    if given:
+        request.params.CopyFrom(inference_pb2.SamplingParams(**given))
+    return request
+
+
+def generate_result(response: inference_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        text=response.text, token_ids=list(response.token_ids),
+        finish_reason=_finish_reason(response.finish_reason),
+        prompt_tokens=response.usage.prompt_tokens,
+        completion_tokens=response.usage.completion_tokens, logprobs=list(response.logprobs))
+
+
+def stream_delta(response: inference_pb2.GenerateResponse) -> StreamDelta:
+    usage = response.usage if response.HasField("usage") else None
+    return StreamDelta(
+        text=response.text, token_ids=list(response.token_ids), logprobs=list(response.logprobs),
+        finish_reason=_finish_reason(response.finish_reason),
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """The two files of a PEFT adapter directory, as UploadAdapter sends them."""
+
+    config_json: str
+    weights: Path
+    size: int
+    sha256: str
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> AdapterFiles:
+        """Raises FileNotFoundError, before any RPC, when a file is missing."""
+        directory = Path(directory)
+        config, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+        if not weights.is_file():
+            bin_file = directory / "adapter_model.bin"
+            found = f" (found {bin_file.name})" if bin_file.exists() else ""
+            raise FileNotFoundError(
+                f"{weights} not found{found}: only safetensors weights are accepted; convert a "
+                f"pickle .bin adapter to adapter_model.safetensors first (e.g. load it with PEFT "
+                f"and save_pretrained(..., safe_serialization=True))")
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} not found: not a PEFT adapter directory")
+        digest = hashlib.sha256()
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(UPLOAD_CHUNK_BYTES), b""):
+                digest.update(block)
+        return cls(config_json=config.read_text(encoding="utf-8"), weights=weights,
+                   size=weights.stat().st_size, sha256=digest.hexdigest())
+
+
+def upload_requests(name: str, files: AdapterFiles, version: int | None, chunk_size: int,
+                    progress: Progress | None) -> Iterator[admin_pb2.UploadAdapterRequest]:
+    """The header, then the weights in chunks of at most `chunk_size` bytes. `progress` is called
+    with 0 after the header and after each chunk is taken by gRPC, ending at (size, size)."""
+    if chunk_size <= 0:  # here, not in the generator: gRPC would turn it into CANCELLED
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _upload_requests(name, files, version, chunk_size, progress)
+
+
+def _upload_requests(name, files, version, chunk_size, progress):
+    header = admin_pb2.UploadHeader(name=name, version=version, sha256=files.sha256,
+                                    size=files.size, adapter_config_json=files.config_json)
+    yield admin_pb2.UploadAdapterRequest(header=header)
+    sent = 0
+    if progress:
+        progress(sent, files.size)
+    with files.weights.open("rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            yield admin_pb2.UploadAdapterRequest(chunk=chunk)
+            sent += len(chunk)
+            if progress:
+                progress(sent, files.size)
+
+
+def _pem(value: PathOrPem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(root_certificates: PathOrPem | None, client_certificate: PathOrPem | None,
+                        client_key: PathOrPem | None) -> grpc.ChannelCredentials | None:
+    """TLS when any of the three is given (no root certificates: the system's); else None."""
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together (mTLS)")
+    if root_certificates is None and client_certificate is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
+                                        private_key=_pem(client_key),
+                                        certificate_chain=_pem(client_certificate))
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None

@@ -1,0 +1,256 @@
+"""`loraplex-client`: the Python client from a shell.
+
+Tokens come from files or the environment, never from a flag (flags are visible in `ps`).
+Errors: one line `loraplex-client: error: CODE: details` on stderr and exit status 1; usage
+errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from clients._common import DEFAULT_TARGET, AdapterInfo, LoraplexError, ServerInfo
+from clients.sync import LoraplexClient
+
+PROG = "loraplex-client"
+MiB = 1 << 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    token = _token(parser, args.token_file, "LORAPLEX_TOKEN", "LORAPLEX_INFERENCE_TOKEN")
+    admin_token = _token(parser, args.admin_token_file, "LORAPLEX_ADMIN_TOKEN")
+    try:
+        with LoraplexClient(args.target, token=token, admin_token=admin_token,
+                            root_certificates=args.tls_ca, client_certificate=args.tls_cert,
+                            client_key=args.tls_key) as client:
+            args.run(client, args)
+    except (LoraplexError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Talk to a loraplex server.")
+    parser.add_argument("--target", default=os.environ.get("LORAPLEX_TARGET", DEFAULT_TARGET),
+                        help="HOST:PORT of the server (env LORAPLEX_TARGET; default %(default)s)")
+    parser.add_argument("--token-file", help="file holding the inference token (or env "
+                                             "LORAPLEX_TOKEN / LORAPLEX_INFERENCE_TOKEN)")
+    parser.add_argument("--admin-token-file",
+                        help="file holding the admin token (or env LORAPLEX_ADMIN_TOKEN)")
+    parser.add_argument("--tls-ca", help="PEM root certificates: use TLS")
+    parser.add_argument("--tls-cert", help="PEM client certificate chain (mTLS, with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM client private key (mTLS, with --tls-cert)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("prompt")
+    sampling.add_argument("--adapter", help="adapter name (default: the base model)")
+    sampling.add_argument("--max-new-tokens", type=int)
+    sampling.add_argument("--temperature", type=float, help="0 = greedy")
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+    name = argparse.ArgumentParser(add_help=False)
+    name.add_argument("name")
+
+    def command(verb, run, summary, parents=()):
+        sub = commands.add_parser(verb, help=summary, parents=list(parents))
+        sub.set_defaults(run=run)
+        return sub
+
+    command("generate", _generate, "print a whole completion", [sampling])
+    command("stream", _stream, "print a completion as it is produced", [sampling])
+    upload = command("upload", _upload, "upload a PEFT adapter directory", [name, as_json])
+    upload.add_argument("directory", help="holds adapter_config.json and adapter_model.safetensors")
+    upload.add_argument("--version", type=int, help="default: the stored version + 1")
+    register = command("register", _register, "have the server fetch an adapter", [name, as_json])
+    register.add_argument("source", help="s3://bucket/prefix or a directory the server can read")
+    command("list", _list, "list the adapters", [as_json])
+    command("get", _get, "show one adapter", [name, as_json])
+    command("delete", _delete, "delete an adapter", [name])
+    command("pin", _pin, "keep an adapter in host memory", [name, as_json])
+    command("unpin", _unpin, "let an adapter be evicted again", [name, as_json])
+    command("info", _info, "show the server's model, capacity and memory use", [as_json])
+    return parser
+
+
+def _token(parser: argparse.ArgumentParser, path: str | None, *env: str) -> str | None:
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as error:
+            parser.error(f"cannot read token file: {error}")
+        if not token:
+            parser.error(f"token file {path} is empty")
+        return token
+    return next((os.environ[name].strip() for name in env if os.environ.get(name, "").strip()),
+                None)
+
+
+# Commands
+
+
+def _sampling(args) -> dict:
+    return dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=args.stop)
+
+
+def _generate(client: LoraplexClient, args) -> None:
+    print(client.generate(args.prompt, **_sampling(args)).text)
+
+
+def _stream(client: LoraplexClient, args) -> None:
+    for delta in client.stream(args.prompt, **_sampling(args)):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    print()
+
+
+def _upload(client: LoraplexClient, args) -> None:
+    bar = ProgressBar(sys.stderr)
+    try:
+        info = client.upload_adapter(args.name, args.directory, version=args.version, progress=bar)
+    finally:
+        bar.close()
+    _print_adapter(info, args.json)
+
+
+def _register(client: LoraplexClient, args) -> None:
+    _print_adapter(client.register_adapter(args.name, args.source), args.json)
+
+
+def _get(client: LoraplexClient, args) -> None:
+    _print_adapter(client.get_adapter(args.name), args.json)
+
+
+def _pin(client: LoraplexClient, args) -> None:
+    _print_adapter(client.pin_adapter(args.name), args.json)
+
+
+def _unpin(client: LoraplexClient, args) -> None:
+    _print_adapter(client.unpin_adapter(args.name), args.json)
+
+
+def _delete(client: LoraplexClient, args) -> None:
+    client.delete_adapter(args.name)
+    print(f"deleted {args.name}")
+
+
+def _list(client: LoraplexClient, args) -> None:
+    adapters = client.list_adapters()
+    if args.json:
+        print(json.dumps([_plain(a) for a in adapters], indent=2))
+        return
+    rows = [("NAME", "VERSION", "RANK", "SIZE", "PINNED", "IN RAM", "RUNNING", "ERROR")]
+    rows += [(a.name, str(a.version), str(a.rank), _bytes(a.size_bytes), _yes(a.pinned),
+              _yes(a.in_host_memory), str(a.running_requests), a.error) for a in adapters]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _info(client: LoraplexClient, args) -> None:
+    info: ServerInfo = client.server_info()
+    if args.json:
+        print(json.dumps(_plain(info), indent=2))
+        return
+    m = info.memory
+    _print_fields([
+        ("version", info.version), ("base_model", info.base_model),
+        ("model_type", info.model_type), ("quantization", info.quantization),
+        ("device", info.device), ("max_slots", info.max_slots), ("max_rank", info.max_rank),
+        ("adapters", f"{info.adapters_stored} stored, {info.adapters_in_host_memory} in host "
+                     f"memory, {info.adapters_in_slots} in slots, {info.adapters_pinned} pinned"),
+        ("requests", f"{info.running_requests} running, {info.waiting_requests} waiting"),
+        ("memory", f"base model {_bytes(m.base_model_bytes)}, KV cache "
+                   f"{_bytes(m.kv_cache_bytes)}, adapter slots {_bytes(m.adapter_slot_bytes)}"),
+        ("host adapters", f"{_bytes(m.host_adapter_bytes)} of "
+                          f"{_bytes(m.host_adapter_limit_bytes)}"),
+        ("store", _bytes(m.store_bytes)),
+    ])
+
+
+# Output
+
+
+def _print_adapter(info: AdapterInfo, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_plain(info), indent=2))
+        return
+    created = datetime.fromtimestamp(info.created_at, timezone.utc).isoformat(timespec="seconds")
+    _print_fields([
+        ("name", info.name), ("version", info.version), ("rank", info.rank),
+        ("target_modules", ", ".join(info.target_modules)), ("size", _bytes(info.size_bytes)),
+        ("weights_sha256", info.weights_sha256), ("config_sha256", info.config_sha256),
+        ("created_at", created), ("pinned", _yes(info.pinned)),
+        ("in_host_memory", _yes(info.in_host_memory)),
+        ("running_requests", info.running_requests),
+    ] + ([("error", info.error)] if info.error else []))
+
+
+def _print_fields(fields: list[tuple[str, object]]) -> None:
+    width = max(len(key) for key, _ in fields) + 1
+    for key, value in fields:
+        print(f"{key + ':':<{width}} {value}".rstrip())
+
+
+def _plain(value):
+    """A message as JSON-ready Python values; unlike json_format, 64-bit integers stay numbers."""
+    if isinstance(value, Message):
+        return {f.name: _plain(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
+    if isinstance(value, (str, int, float)):
+        return value
+    return [_plain(item) for item in value]  # a repeated field
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+class ProgressBar:
+    """`\\r[#####.....] 12.0/50.0 MiB` on a stream, redrawn in place; close() ends the line."""
+
+    def __init__(self, out, width: int = 30):
+        self.out, self.width, self.drawn = out, width, False
+
+    def __call__(self, sent: int, total: int) -> None:
+        filled = self.width * sent // total if total else self.width
+        unit, scale = ("MiB", MiB) if total >= MiB // 10 else ("KiB", 1024)
+        self.out.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] "
+                       f"{sent / scale:.1f}/{total / scale:.1f} {unit}")
+        self.out.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.out.write("\n")
+            self.out.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Domain errors -> gRPC status codes, in one interceptor for every service.
+
+A servicer raises the engine's or the registry's own exception; the interceptor aborts the call
+with the matching code and the exception's message. Anything else is a bug and becomes INTERNAL
+(grpc's default), with its traceback in the server log.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from adapters_registry.peft_format import AdapterFormatError
+from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError
+from adapters_registry.sources import SourceUnavailableError
+from adapters_registry.store import (AdapterCorruptError, InvalidContentError, InvalidNameError,
+                                     UnknownAdapterError)
+from server.engine import Overloaded, UnknownAdapter
+from server.sampler import InvalidRequest
+
+
+class NotReady(RuntimeError):
+    """The server is up but the model is still loading."""
+
+
+# First match wins: subclasses before their bases.
+STATUS_OF = {
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidNameError: grpc.StatusCode.INVALID_ARGUMENT,
+    SourceUnavailableError: grpc.StatusCode.UNAVAILABLE,  # the storage's fault: retry later
+    AdapterFormatError: grpc.StatusCode.INVALID_ARGUMENT,  # a bad adapter or source
+    UnknownAdapter: grpc.StatusCode.NOT_FOUND,
+    UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AdapterCacheFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterCorruptError: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidContentError: grpc.StatusCode.FAILED_PRECONDITION,  # e.g. a version not above the last
+}
+DOMAIN_ERRORS = tuple(STATUS_OF)
+
+
+def status_of(exc: Exception) -> grpc.StatusCode:
+    return next(code for kind, code in STATUS_OF.items() if isinstance(exc, kind))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Aborts an RPC that raised a domain error with the matching status and its message."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _returning(handler.unary_unary), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _returning(handler.stream_unary), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(handler.unary_stream), handler.request_deserializer,
+                handler.response_serializer)
+        return handler
+
+
+def _returning(behavior):
+    async def wrapped(request, context):
+        try:
+            return await behavior(request, context)
+        except DOMAIN_ERRORS as exc:
+            await context.abort(status_of(exc), str(exc))
+    return wrapped
+
+
+def _streaming(behavior):
+    async def wrapped(request, context):
+        try:
+            async for message in behavior(request, context):
+                yield message
+        except DOMAIN_ERRORS as exc:
+            await context.abort(status_of(exc), str(exc))
+    return wrapped

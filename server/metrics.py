@@ -1,0 +1,243 @@
+"""Prometheus metrics: every `loraplex_` series, served on `--metrics-port` at /metrics.
+
+Two kinds of source:
+- events: the engine's `RequestRecord` per request (`Metrics.observe`), and the registry's and
+  the slot table's load timings, feed counters and histograms as they happen;
+- state: running and waiting sequences, KV-cache use, adapter tiers and their cumulative
+  counters are read at scrape time by a collector, so the step loop never updates a gauge.
+
+Per-adapter series have bounded cardinality (`AdapterLabels`). With `--vllm-metrics`, the series
+the Kubernetes Gateway API Inference Extension's endpoint picker reads from vLLM are exported
+too (their names contain ':', which promtool's lint flags; they are vLLM's names, kept as is).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.async_engine import RequestRecord
+from server.cost import stored_cost
+
+BASE_LABEL = "_base"  # the base model (adapter names cannot start with '_')
+OTHER_LABEL = "_other"  # adapters outside the top K (an adapter may be named "other")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class AdapterLabels:
+    """Label values for per-adapter series: the K busiest adapters by recent traffic, each under
+    its own name, and OTHER_LABEL for the rest.
+
+    Every `every` requests the K are chosen again from traffic counts halved at each re-rank (so
+    recent traffic weighs most). Labels are decided when a request is counted: an adapter that
+    drops out of the top K counts under OTHER_LABEL from then on, so every series only grows.
+    """
+
+    def __init__(self, k: int, every: int = 200):
+        self.k = k
+        self.every = every
+        self._scores: Tally[str] = Tally()
+        self._top: set[str] = set()
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def label(self, adapter: str | None) -> str:
+        if not adapter:
+            return BASE_LABEL
+        with self._lock:
+            self._scores[adapter] += 1
+            self._seen += 1
+            if len(self._top) < self.k and adapter not in self._top:
+                self._top.add(adapter)  # room left: no need to wait for a re-rank
+            elif self._seen % self.every == 0:
+                self._top = {name for name, _ in self._scores.most_common(self.k)}
+                self._scores = Tally({n: c // 2 for n, c in self._scores.items() if c // 2})
+            return adapter if adapter in self._top else OTHER_LABEL
+
+
+class Metrics:
+    def __init__(self, backend, *, top_adapters: int = 20, vllm_metrics: bool = False):
+        """`backend`: server.grpc_server.Backend, read at scrape time once the model is loaded."""
+        self.registry = CollectorRegistry()
+        self.adapter_labels = AdapterLabels(top_adapters)
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Requests by outcome: a finish reason "
+                                "(length, stop, eos, cancelled) or why it was refused.",
+                                ["outcome"], registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds",
+                              "Submission to first token (adapter loading and queueing included).",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.token_gap = Histogram("loraplex_inter_token_latency_seconds",
+                                   "Time between consecutive tokens of a request.",
+                                   buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.e2e = Histogram("loraplex_e2e_request_latency_seconds",
+                             "Submission to the end of a request.", buckets=REQUEST_BUCKETS,
+                             registry=r)
+        self.queue = Histogram("loraplex_request_queue_time_seconds",
+                               "Arrival in the engine to first scheduled in a step.",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens of finished and "
+                                     "cancelled requests.", registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Generated tokens.",
+                                         registry=r)
+        self.adapter_requests = Counter(
+            "loraplex_adapter_requests", f"Requests per adapter ({BASE_LABEL} = the base model, "
+            f"{OTHER_LABEL} = adapters outside the top K by traffic).", ["adapter"], registry=r)
+        self.adapter_prompt_tokens = Counter("loraplex_adapter_prompt_tokens",
+                                             "Prompt tokens per adapter.", ["adapter"], registry=r)
+        self.adapter_generation_tokens = Counter("loraplex_adapter_generation_tokens",
+                                                 "Generated tokens per adapter.", ["adapter"],
+                                                 registry=r)
+        self.load_seconds = Histogram(
+            "loraplex_adapter_load_seconds", "Adapter loads into a tier: host (store to host "
+            "RAM: read, sha256, validation) and device (host RAM to a slot).", ["tier"],
+            buckets=LOAD_BUCKETS, registry=r)
+        r.register(_StateCollector(backend, vllm_metrics))
+
+    def observe(self, record: RequestRecord) -> None:
+        """Counts every request by outcome; the rest only for requests that ran (a refused one
+        has no latency worth a bucket, and its adapter name may not exist)."""
+        self.requests.labels(record.outcome).inc()
+        if record.queue_seconds is None:
+            return
+        label = self.adapter_labels.label(record.adapter)
+        self.adapter_requests.labels(label).inc()
+        self.e2e.observe(record.e2e_seconds)
+        self.queue.observe(record.queue_seconds)
+        if record.ttft_seconds is not None:
+            self.ttft.observe(record.ttft_seconds)
+        for gap in record.token_gaps:
+            self.token_gap.observe(gap)
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.generation_tokens.inc(record.completion_tokens)
+        self.adapter_prompt_tokens.labels(label).inc(record.prompt_tokens)
+        self.adapter_generation_tokens.labels(label).inc(record.completion_tokens)
+
+    def watch_loads(self, registry, slots) -> None:
+        """Times each store -> RAM load of `registry` and slot write of `slots`."""
+        if registry is not None:
+            registry.load_observer = self.load_seconds.labels("host").observe
+        slots.write_observer = self.load_seconds.labels("device").observe
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+
+class _StateCollector(Collector):
+    """Gauges and cumulative counters read from the engine and registry at scrape time."""
+
+    def __init__(self, backend, vllm_metrics: bool):
+        self.backend = backend
+        self.vllm_metrics = vllm_metrics
+
+    def collect(self):
+        try:
+            ready = self.backend.ready()
+        except Exception:  # still loading: nothing to report yet
+            return
+        core, registry = ready.engine.core, ready.registry
+        # Snapshots taken in one C call each: the step loop may change these meanwhile.
+        running, waiting = tuple(core.scheduler.running), tuple(core.scheduler.waiting)
+        kv_usage = 1 - core.kv.allocator.num_free / core.kv.num_blocks
+        yield GaugeMetricFamily("loraplex_num_requests_running",
+                                "Sequences in the running batch.", value=len(running))
+        yield GaugeMetricFamily("loraplex_num_requests_waiting",
+                                "Sequences waiting for the running batch.", value=len(waiting))
+        yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio",
+                                "Fraction of KV-cache blocks in use (0-1).", value=kv_usage)
+        yield from _cost_series(ready.cost, registry)
+        yield from _tier_series(core.slots, registry)
+        if self.vllm_metrics:
+            yield from _vllm_series(core, running, waiting, kv_usage)
+
+
+def _cost_series(base, registry):
+    """The cost explainer: the base as served, one full copy, and both for the stored adapters."""
+    yield GaugeMetricFamily("loraplex_base_model_bytes",
+                            "Bytes of the base model as served (quantized).",
+                            value=base.base_served_bytes)
+    yield GaugeMetricFamily("loraplex_slot_table_bytes",
+                            "Bytes of the device slot tables (reserved at start).",
+                            value=base.slot_table_bytes)
+    yield GaugeMetricFamily("loraplex_full_copy_bytes",
+                            "Bytes of one fully fine-tuned copy of the base at its checkpoint's "
+                            "precision.", value=base.full_copy_bytes)
+    if registry is not None:
+        report = stored_cost(base, registry)
+        n = len(report.adapter_bytes)
+        yield GaugeMetricFamily("loraplex_serving_bytes",
+                                "Base as served + slot tables + every stored adapter.",
+                                value=report.loraplex_bytes(n))
+        yield GaugeMetricFamily("loraplex_full_copies_bytes",
+                                "What one fully fine-tuned copy per stored adapter would take.",
+                                value=report.full_copies_bytes(n))
+
+
+def _tier_series(slots, registry):
+    """Adapter cache counters and residency by tier: device (slots), host (RAM), store (disk)."""
+    families = {
+        "loads": CounterMetricFamily("loraplex_adapter_cache_loads",
+                                     "Adapter loads into a tier.", labels=["tier"]),
+        "hits": CounterMetricFamily("loraplex_adapter_cache_hits",
+                                    "Requests that found their adapter in a tier.",
+                                    labels=["tier"]),
+        "misses": CounterMetricFamily("loraplex_adapter_cache_misses",
+                                      "Requests that had to load their adapter into a tier.",
+                                      labels=["tier"]),
+        "evictions": CounterMetricFamily("loraplex_adapter_cache_evictions",
+                                         "Adapters evicted from a tier to make room.",
+                                         labels=["tier"]),
+    }
+    resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapter versions in a tier.",
+                                 labels=["tier"])
+    resident_bytes = GaugeMetricFamily("loraplex_adapter_resident_bytes",
+                                       "Bytes of adapters in a tier (device: the slot tables, "
+                                       "reserved up front).", labels=["tier"])
+    families["loads"].add_metric(["device"], slots.loads)
+    families["hits"].add_metric(["device"], slots.hits)
+    families["misses"].add_metric(["device"], slots.loads)
+    families["evictions"].add_metric(["device"], slots.evictions)
+    resident.add_metric(["device"], len(slots.slot_of))
+    if registry is not None:
+        cache = registry.cache
+        families["loads"].add_metric(["host"], registry.loads)
+        families["hits"].add_metric(["host"], cache.hits)
+        families["misses"].add_metric(["host"], cache.misses)
+        families["evictions"].add_metric(["host"], cache.evictions)
+        resident.add_metric(["host"], len(registry.resident()))
+        resident_bytes.add_metric(["host"], cache.used_bytes)
+        resident.add_metric(["store"], len(registry.store))
+        resident_bytes.add_metric(["store"], registry.store.total_bytes())
+        yield CounterMetricFamily("loraplex_adapter_load_failures",
+                                  "Store -> host RAM loads that failed.",
+                                  value=registry.load_failures)
+    yield from families.values()
+    yield resident
+    yield resident_bytes
+
+
+def _vllm_series(core, running: tuple, waiting: tuple, kv_usage: float):
+    """The vLLM series the Gateway API Inference Extension's endpoint picker scrapes."""
+    yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (vLLM name).",
+                            value=len(running))
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (vLLM name).",
+                            value=len(waiting))
+    for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        yield GaugeMetricFamily(name, "KV-cache usage, 0-1 (vLLM name).", value=kv_usage)
+    running_adapters = sorted({s.adapter.key.name for s in running if s.adapter})
+    waiting_adapters = sorted({s.adapter.key.name for s in waiting if s.adapter})
+    info = GaugeMetricFamily("vllm:lora_requests_info",
+                             "Adapters of running and waiting requests; the value is the time "
+                             "of this report (vLLM name).",
+                             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+    info.add_metric([",".join(running_adapters), ",".join(waiting_adapters),
+                     str(core.config.max_slots)], time.time())
+    yield info

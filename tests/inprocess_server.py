@@ -1,0 +1,39 @@
+"""Serve an EngineCore from this process (its own event loop on a thread), for gRPC tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from server.grpc_server import RunningServer, create_server
+
+
+@contextmanager
+def serving(core, registry=None, **options) -> Iterator[tuple[grpc.Channel, RunningServer]]:
+    """A channel to a started, SERVING server around `core`; stopped (and its engine closed) on
+    exit. `options` go to server.grpc_server.create_server (tokens=..., credentials=...)."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    state = {}
+
+    async def start():
+        state["running"] = await create_server(core, "127.0.0.1:0", registry, **options)
+        started.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()),
+                                              loop.run_forever()), daemon=True)
+    thread.start()
+    assert started.wait(60), "the in-process server did not start"
+    running = state["running"]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield channel, running
+    finally:
+        asyncio.run_coroutine_threadsafe(running.server.stop(None), loop).result(10)
+        running.backend.ready().engine.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
