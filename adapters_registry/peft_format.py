@@ -48,10 +48,14 @@ _SAFETENSORS_DTYPES = {"F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
                        "F32": (torch.float32, 4)}
 
 
-# base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight
+# base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight, and with DoRA
+# base_model.model.model.layers.7.self_attn.q_proj.lora_magnitude_vector
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\."
-                  r"([A-Za-z0-9_]+)\.lora_([AB])\.weight", re.ASCII)
-_KEY_FORM = "base_model.model.model.layers.N.(self_attn|mlp).MODULE.lora_(A|B).weight"
+                  r"([A-Za-z0-9_]+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)",
+                  re.ASCII)
+_KEY_FORM = ("base_model.model.model.layers.N.(self_attn|mlp).MODULE.(lora_A.weight|"
+             "lora_B.weight|lora_magnitude_vector)")
+_HALF = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
 
 # Modules of a Llama-family model that exist but that LoRA is not served on.
 _UNSERVED_MODULES = ("lm_head", "embed_tokens", "norm", "input_layernorm",
@@ -100,6 +104,7 @@ class LoraModuleWeights:
     a: torch.Tensor  # [r, in], the file's dtype (fp16, bf16 or fp32)
     b: torch.Tensor  # [out, r]
     scale: float
+    magnitude: torch.Tensor | None = None  # [out], DoRA's per-output-channel magnitude
 
 
 @dataclass
@@ -112,7 +117,8 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        return sum(m.a.nbytes + m.b.nbytes + (m.magnitude.nbytes if m.magnitude is not None else 0)
+                   for m in self.modules.values())
 
 
 @dataclass(frozen=True)
@@ -217,17 +223,19 @@ def _validate(name: str, config_raw: bytes, weights_raw: bytes | bytearray | mma
     config = _parse_config(name, config_raw)
     targets = _targets(name, config, spec, max_rank)
     entries, data_start = _parse_header(name, weights_raw)
-    pairs = _check_tensor_index(name, entries, data_start, len(weights_raw), targets, spec)
+    pairs = _check_tensor_index(name, entries, data_start, len(weights_raw), targets, spec,
+                                dora=config.get("use_dora", False))
     _check_layout(name, entries, len(weights_raw) - data_start)
     writable = not memoryview(weights_raw).readonly
     buffer = weights_raw if writable else bytearray(weights_raw)
     tensors = {key: _tensor_view(buffer, data_start, entry) for key, entry in entries.items()}
     _check_finite(name, buffer, data_start, entries, tensors)
     weights = LoraWeights(name=name, rank=0)
-    for (layer, module), (key_a, key_b) in sorted(pairs.items()):
+    for (layer, module), (key_a, key_b, key_m) in sorted(pairs.items()):
         target = targets[(layer, module)]
-        weights.modules[(layer, module)] = LoraModuleWeights(a=tensors[key_a], b=tensors[key_b],
-                                                             scale=target.scale)
+        weights.modules[(layer, module)] = LoraModuleWeights(
+            a=tensors[key_a], b=tensors[key_b], scale=target.scale,
+            magnitude=tensors[key_m] if key_m else None)
         weights.rank = max(weights.rank, target.r)
     return weights
 
@@ -263,8 +271,8 @@ def _parse_config(name: str, raw: bytes) -> dict:
         raise bad(f"lora_alpha must be a positive number, got {config.get('lora_alpha')!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise bad(f"use_rslora must be true or false, got {config['use_rslora']!r}")
-    if config.get("use_dora"):
-        raise bad("use_dora: DoRA is not supported yet")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise bad(f"use_dora must be true or false, got {config['use_dora']!r}")
     if config.get("bias", "none") != "none":
         raise bad(f"bias={config['bias']!r} is not supported (only 'none')")
     for option, reason in _UNSUPPORTED_OPTIONS.items():
@@ -440,10 +448,11 @@ def _is_index(value) -> bool:
 
 
 def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, total: int,
-                        targets: dict[tuple[int, str], _Target], spec: BaseModelSpec
-                        ) -> dict[tuple[int, str], tuple[str, str]]:
+                        targets: dict[tuple[int, str], _Target], spec: BaseModelSpec,
+                        dora: bool) -> dict[tuple[int, str], tuple[str, str, str | None]]:
     """Checks every header entry (key, module, layer, target, dtype, shape, extent) and that
-    lora_A and lora_B come in pairs. Returns (layer, module) -> (lora_A key, lora_B key).
+    lora_A and lora_B come in pairs, with a DoRA magnitude vector exactly when `dora`.
+    Returns (layer, module) -> (lora_A key, lora_B key, magnitude key or None).
 
     A targeted module without any tensors is allowed, as PEFT allows it (with a warning): its
     lora_B keeps PEFT's zero init, so the module is left without LoRA.
@@ -458,7 +467,7 @@ def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, 
         match = _KEY.fullmatch(key)
         if not match:
             raise bad(f"unknown tensor key (expected {_KEY_FORM})", key)
-        layer, block, module, half = int(match[1]), match[2], match[3], match[4]
+        layer, block, module, half = int(match[1]), match[2], match[3], _HALF[match[4]]
         if module not in spec.linear_shapes or module not in TARGET_MODULES \
                 or module_path(layer, module).split(".")[3] != block:
             supported = ", ".join(m for m in TARGET_MODULES if m in spec.linear_shapes)
@@ -471,12 +480,15 @@ def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, 
                       "(target_modules / exclude_modules / layers_to_transform)", key)
         if entry.dtype not in _SAFETENSORS_DTYPES:
             raise bad(f"dtype {entry.dtype} not allowed (only F16, BF16 or F32)", key)
+        if half == "M" and not dora:
+            raise bad(f"a DoRA magnitude vector, but {CONFIG_FILE} does not set use_dora", key)
         in_features, out_features = spec.linear_shapes[module]
-        expected = (target.r, in_features) if half == "A" else (out_features, target.r)
+        expected, form = {"A": ((target.r, in_features), "lora_A is [r, in_features]"),
+                          "B": ((out_features, target.r), "lora_B is [out_features, r]"),
+                          "M": ((out_features,), "the magnitude is [out_features]")}[half]
         if entry.shape != expected:
-            form = "[r, in_features]" if half == "A" else "[out_features, r]"
             raise bad(f"shape {list(entry.shape)}, expected {list(expected)} "
-                      f"(lora_{half} is {form}, r={target.r})", key)
+                      f"({form}, r={target.r})", key)
         size = math.prod(entry.shape) * _SAFETENSORS_DTYPES[entry.dtype][1]
         if entry.end - entry.begin != size:
             raise bad(f"data_offsets {[entry.begin, entry.end]} do not hold {size} bytes "
@@ -489,10 +501,15 @@ def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, 
         raise bad("holds no LoRA tensors")
     pairs = {}
     for (layer, module), h in sorted(halves.items()):
-        if set(h) != {"A", "B"}:
-            have, missing = ("A", "B") if "A" in h else ("B", "A")
-            raise bad(f"lora_{have} without lora_{missing} for {module_path(layer, module)}", h[have])
-        pairs[(layer, module)] = (h["A"], h["B"])
+        path = module_path(layer, module)
+        if not {"A", "B"} <= set(h):
+            if {"A", "B"} & set(h):
+                have, missing = ("A", "B") if "A" in h else ("B", "A")
+                raise bad(f"lora_{have} without lora_{missing} for {path}", h[have])
+            raise bad(f"a DoRA magnitude vector without lora_A and lora_B for {path}", h["M"])
+        if dora and "M" not in h:
+            raise bad(f"use_dora is set but {path} has no lora_magnitude_vector", h["A"])
+        pairs[(layer, module)] = (h["A"], h["B"], h.get("M"))
     return pairs
 
 

@@ -91,7 +91,8 @@ class EngineCore:
         self.lora = LoraContext()
         self.layers = wrap_lora_targets(model.hf, self.lora, max_slots=config.max_slots,
                                         max_rank=config.max_rank,
-                                        dtype=DTYPES[config.lora_dtype], device=model.device)
+                                        dtype=DTYPES[config.lora_dtype], device=model.device,
+                                        compute_dtype=model.dtype)
         self.kv = _make_kv_cache(model, config)
         self.max_model_len = _max_model_len(model, config, self.kv)
         # Resident adapters, held in RAM by the core itself (tests, `loraplex generate`); the

@@ -13,6 +13,7 @@ from torch import nn
 
 from adapters_registry.peft_format import LoraWeights
 from adapters_registry.spec import TARGET_MODULES, module_path
+from server.dora import dora_factor, weight_row_sq_norms
 from server.lora_op import SlotMapping, lora_apply
 
 
@@ -32,14 +33,17 @@ class MultiLoraLinear(nn.Module):
 
     Tables: lora_a [S, R, in], lora_b [S, R, out] (PEFT's B transposed), scale [S] fp32, and
     lora_rank [S] int32 (each slot's true rank; the rows past it are zero and the CPU kernel
-    skips them).
+    skips them). A DoRA slot (server/dora.py) stores diag(g)·B in lora_b and g - 1 in
+    dora_gm1 [S, out]: its tokens' base output (without bias) is scaled by g first.
     """
 
     def __init__(self, base: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base = base
         self.context = context
+        self.compute_dtype = compute_dtype  # the activations' dtype
         self.in_features = int(base.in_features)
         self.out_features = int(base.out_features)
         self.register_buffer("lora_a", torch.zeros(max_slots, max_rank, self.in_features,
@@ -51,20 +55,45 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_rank", torch.zeros(max_slots, dtype=torch.int32, device=device),
                              persistent=False)
         self._ranks = [0] * max_slots  # lora_rank on the host: no device read per slot write
+        # [S, out] fp32, allocated with the first DoRA adapter (plain LoRA never pays for it)
+        self.register_buffer("dora_gm1", None, persistent=False)
+        self._dora_slots: set[int] = set()
+        self._weight_sq_norms: torch.Tensor | None = None  # ||W_o||², at the first DoRA load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [T, out]
         mapping = self.context.mapping
         if mapping.has_lora:
+            if self._dora_slots and not self._dora_slots.isdisjoint(mapping.present):
+                self._scale_base_output(y, mapping.slots)
             lora_apply(y, x, mapping, self.lora_a, self.lora_b, self.scale, self.lora_rank)
         return y
 
-    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Writes one adapter's A: [r, in] and B: [out, r] into `slot`, zero-padding to max rank.
+    def _scale_base_output(self, y: torch.Tensor, slots: torch.Tensor) -> None:
+        """y += (g - 1) ⊙ (y - bias) for each token of a DoRA slot (g - 1 = 0 elsewhere)."""
+        gm1 = self.dora_gm1.index_select(0, slots.clamp(min=0))  # [T, out]
+        gm1 *= (slots >= 0).unsqueeze(1)  # tokens of the base model: unchanged
+        bias = getattr(self.base, "bias", None)
+        y.add_((gm1 * (y - bias if bias is not None else y)).to(y.dtype))
+
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 magnitude: torch.Tensor | None = None) -> None:
+        """Writes one adapter's A: [r, in] and B: [out, r] into `slot`, zero-padding to max rank;
+        with a DoRA `magnitude` [out], B is stored as diag(g)·B and g - 1 in dora_gm1.
 
         Rows past a slot's rank are always zero, so only the rows the previous occupant used
         beyond `r` need zeroing: a slot write costs the adapter's size, not max_rank's.
         """
+        if magnitude is not None:
+            g = self._dora_factor(a, b, scale, magnitude)
+            b = b.float() * g.unsqueeze(1)
+            if self.dora_gm1 is None:
+                self.dora_gm1 = torch.zeros(self.lora_a.shape[0], self.out_features,
+                                            dtype=torch.float32, device=self.lora_a.device)
+            self.dora_gm1[slot] = g - 1
+            self._dora_slots.add(slot)
+        elif slot in self._dora_slots:
+            self._clear_dora(slot)
         r, previous = a.shape[0], self._ranks[slot]
         self.lora_a[slot, :r].copy_(a)
         self.lora_b[slot, :r].t().copy_(b)  # into [r, out]; iterating in b's order is faster
@@ -78,6 +107,28 @@ class MultiLoraLinear(nn.Module):
         self.scale[slot] = 0.0
         self.lora_rank[slot] = 0
         self._ranks[slot] = 0
+        if slot in self._dora_slots:
+            self._clear_dora(slot)
+
+    def _clear_dora(self, slot: int) -> None:
+        self.dora_gm1[slot].zero_()
+        self._dora_slots.discard(slot)
+
+    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ with the served (possibly quantized) weights."""
+        y = self.base(x)
+        bias = getattr(self.base, "bias", None)
+        return y - bias if bias is not None else y
+
+    @torch.no_grad()
+    def _dora_factor(self, a: torch.Tensor, b: torch.Tensor, scale: float,
+                     magnitude: torch.Tensor) -> torch.Tensor:
+        device = self.lora_a.device
+        if self._weight_sq_norms is None:
+            self._weight_sq_norms = weight_row_sq_norms(self._base_without_bias, self.in_features,
+                                                        self.compute_dtype, device)
+        return dora_factor(self._base_without_bias, self._weight_sq_norms, a.to(device),
+                           b.to(device), scale, magnitude.to(device), self.compute_dtype)
 
     def _zero_rows(self, slot: int, start: int, stop: int) -> None:
         if stop > start:
@@ -86,7 +137,8 @@ class MultiLoraLinear(nn.Module):
 
 
 def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
-                      dtype: torch.dtype, device: torch.device
+                      dtype: torch.dtype, device: torch.device,
+                      compute_dtype: torch.dtype = torch.float32
                       ) -> dict[tuple[int, str], MultiLoraLinear]:
     """Replaces every target Linear of every decoder layer; returns them by (layer, module)."""
     wrapped = {}
@@ -96,7 +148,8 @@ def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, ma
             parent_path, _, attr = path.rpartition(".")
             parent = hf.get_submodule(parent_path)
             module = MultiLoraLinear(getattr(parent, attr), context, max_slots=max_slots,
-                                     max_rank=max_rank, dtype=dtype, device=device)
+                                     max_rank=max_rank, dtype=dtype, device=device,
+                                     compute_dtype=compute_dtype)
             setattr(parent, attr, module)
             wrapped[(layer, name)] = module
     return wrapped
@@ -110,7 +163,7 @@ def write_adapter_to_slot(layers: dict[tuple[int, str], MultiLoraLinear], slot: 
         if module is None:
             layer.reset_lora(slot)
         else:
-            layer.set_lora(slot, module.a, module.b, module.scale)
+            layer.set_lora(slot, module.a, module.b, module.scale, module.magnitude)
 
 
 def clear_slot(layers: dict[tuple[int, str], MultiLoraLinear], slot: int) -> None:

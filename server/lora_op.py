@@ -148,6 +148,8 @@ class SlotMapping:
     segments: tuple[_Segment, ...]
     batch: _Batch | None
     kernel: _KernelPlan | None = None
+    slots: torch.Tensor | None = None  # [T] long, the step's token -> slot (-1 = base)
+    present: frozenset[int] = frozenset()  # the slots (>= 0) this step uses
 
     @staticmethod
     def build(slot: torch.Tensor) -> "SlotMapping":
@@ -167,7 +169,8 @@ class SlotMapping:
             module = lora_cpu_kernel.load()
             if module is not None:
                 kernel = _kernel_plan(module.lora_apply_cpu, groups, slot.device)
-        return SlotMapping(len(slots), bool(groups), segments, batch, kernel)
+        return SlotMapping(len(slots), bool(groups), segments, batch, kernel, slot,
+                           frozenset(groups))
 
 
 def _segment(s: int, rows: list[int], device: torch.device) -> _Segment:

@@ -54,3 +54,43 @@ def demo_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("loraplex-cache")
     build_demo(root, progress=None)
     return root
+
+
+# DoRA adapters, trained-looking: PEFT initialises them (magnitude = the base's row norms, B = 0),
+# then B and the magnitude are perturbed so that each changes the output.
+TINY_DORA_ADAPTERS = {
+    "dora-attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=21),
+    "dora-all-r8": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, seed=22),
+    "dora-mlp-r16-rslora": dict(r=16, lora_alpha=8, use_rslora=True,
+                                target_modules=["gate_proj", "up_proj", "down_proj"], seed=23),
+}
+
+
+def write_dora_adapter(directory, *, base_model_dir, r, lora_alpha, target_modules, seed,
+                       use_rslora=False):
+    """A PEFT DoRA adapter for the model in `base_model_dir`, saved by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=lora_alpha, use_dora=True,
+                                            use_rslora=use_rslora, target_modules=target_modules))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "lora_B" in name:
+                parameter.copy_(0.2 * noise)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.3 * noise)
+    model.save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="session")
+def tiny_dora_adapter_dirs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("tiny-dora-adapters")
+    dirs = {}
+    for name, kwargs in TINY_DORA_ADAPTERS.items():
+        dirs[name] = root / name
+        write_dora_adapter(dirs[name], base_model_dir=tiny_model_dir, **kwargs)
+    return dirs
