@@ -174,12 +174,13 @@ def load_peft(model_dir: Path, adapters: dict[str, Path]):
     return model.eval()
 
 
-def load_core(model_dir: Path, adapters: dict[str, Path], lora_dtype: str):
+def load_core(model_dir: Path, adapters: dict[str, Path], lora_dtype: str,
+              max_slots: int = NUM_PROMPTS):
     from server.config import EngineConfig
     from server.engine import load_engine_core
 
     config = EngineConfig(model=model_dir, quantize="nf4", device="cpu", threads=THREADS,
-                          max_slots=NUM_PROMPTS, max_rank=RANK, lora_dtype=lora_dtype,
+                          max_slots=max_slots, max_rank=RANK, lora_dtype=lora_dtype,
                           kv_cache_mb=256)
     config.validate()
     return load_engine_core(config, {name: str(path) for name, path in adapters.items()})

@@ -33,8 +33,9 @@ class MultiLoraLinear(nn.Module):
 
     Tables: lora_a [S, R, in], lora_b [S, R, out] (PEFT's B transposed), scale [S] fp32, and
     lora_rank [S] int32 (each slot's true rank; the rows past it are zero and the CPU kernel
-    skips them). A DoRA slot (server/dora.py) stores diag(g)·B in lora_b and g - 1 in
-    dora_gm1 [S, out]: its tokens' base output (without bias) is scaled by g first.
+    skips them). A DoRA slot s (server/dora.py) stores diag(g)·B in lora_b and g in row s + 1 of
+    dora_g [S + 1, out] (row 0 and plain slots: ones): its tokens' base output (without bias)
+    is scaled by g first.
     """
 
     def __init__(self, base: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
@@ -55,8 +56,8 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_rank", torch.zeros(max_slots, dtype=torch.int32, device=device),
                              persistent=False)
         self._ranks = [0] * max_slots  # lora_rank on the host: no device read per slot write
-        # [S, out] fp32, allocated with the first DoRA adapter (plain LoRA never pays for it)
-        self.register_buffer("dora_gm1", None, persistent=False)
+        # [S + 1, out] fp32, allocated with the first DoRA adapter (plain LoRA never pays for it)
+        self.register_buffer("dora_g", None, persistent=False)
         self._dora_slots: set[int] = set()
         self._weight_sq_norms: torch.Tensor | None = None  # ||W_o||², at the first DoRA load
 
@@ -65,21 +66,23 @@ class MultiLoraLinear(nn.Module):
         mapping = self.context.mapping
         if mapping.has_lora:
             if self._dora_slots and not self._dora_slots.isdisjoint(mapping.present):
-                self._scale_base_output(y, mapping.slots)
+                self._scale_base_output(y, mapping.rows)
             lora_apply(y, x, mapping, self.lora_a, self.lora_b, self.scale, self.lora_rank)
         return y
 
-    def _scale_base_output(self, y: torch.Tensor, slots: torch.Tensor) -> None:
-        """y += (g - 1) ⊙ (y - bias) for each token of a DoRA slot (g - 1 = 0 elsewhere)."""
-        gm1 = self.dora_gm1.index_select(0, slots.clamp(min=0))  # [T, out]
-        gm1 *= (slots >= 0).unsqueeze(1)  # tokens of the base model: unchanged
+    def _scale_base_output(self, y: torch.Tensor, rows: torch.Tensor) -> None:
+        """y = g ⊙ (y - bias) + bias for each token, with g = 1 for all but DoRA slots."""
+        g = self.dora_g.index_select(0, rows).to(y.dtype)  # [T, out]
         bias = getattr(self.base, "bias", None)
-        y.add_((gm1 * (y - bias if bias is not None else y)).to(y.dtype))
+        if bias is None:
+            y.mul_(g)
+        else:
+            y.sub_(bias).mul_(g).add_(bias)
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
                  magnitude: torch.Tensor | None = None) -> None:
         """Writes one adapter's A: [r, in] and B: [out, r] into `slot`, zero-padding to max rank;
-        with a DoRA `magnitude` [out], B is stored as diag(g)·B and g - 1 in dora_gm1.
+        with a DoRA `magnitude` [out], B is stored as diag(g)·B and g in dora_g.
 
         Rows past a slot's rank are always zero, so only the rows the previous occupant used
         beyond `r` need zeroing: a slot write costs the adapter's size, not max_rank's.
@@ -87,10 +90,10 @@ class MultiLoraLinear(nn.Module):
         if magnitude is not None:
             g = self._dora_factor(a, b, scale, magnitude)
             b = b.float() * g.unsqueeze(1)
-            if self.dora_gm1 is None:
-                self.dora_gm1 = torch.zeros(self.lora_a.shape[0], self.out_features,
-                                            dtype=torch.float32, device=self.lora_a.device)
-            self.dora_gm1[slot] = g - 1
+            if self.dora_g is None:
+                self.dora_g = torch.ones(self.lora_a.shape[0] + 1, self.out_features,
+                                         dtype=torch.float32, device=self.lora_a.device)
+            self.dora_g[slot + 1] = g
             self._dora_slots.add(slot)
         elif slot in self._dora_slots:
             self._clear_dora(slot)
@@ -111,7 +114,7 @@ class MultiLoraLinear(nn.Module):
             self._clear_dora(slot)
 
     def _clear_dora(self, slot: int) -> None:
-        self.dora_gm1[slot].zero_()
+        self.dora_g[slot + 1].fill_(1.0)
         self._dora_slots.discard(slot)
 
     def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:

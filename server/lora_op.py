@@ -148,7 +148,8 @@ class SlotMapping:
     segments: tuple[_Segment, ...]
     batch: _Batch | None
     kernel: _KernelPlan | None = None
-    slots: torch.Tensor | None = None  # [T] long, the step's token -> slot (-1 = base)
+    rows: torch.Tensor | None = None  # [T] long, slot + 1 of each token (0 = base): row indices
+                                      # of per-slot tables whose row 0 is the base's
     present: frozenset[int] = frozenset()  # the slots (>= 0) this step uses
 
     @staticmethod
@@ -169,7 +170,7 @@ class SlotMapping:
             module = lora_cpu_kernel.load()
             if module is not None:
                 kernel = _kernel_plan(module.lora_apply_cpu, groups, slot.device)
-        return SlotMapping(len(slots), bool(groups), segments, batch, kernel, slot,
+        return SlotMapping(len(slots), bool(groups), segments, batch, kernel, slot + 1,
                            frozenset(groups))
 
 

@@ -26,7 +26,11 @@ PROMPTS = [
 # arithmetic in another order (observed <= 3e-6). NF4: both sides run the same quantized weights
 # through bitsandbytes' CPU 4-bit kernel, which rounds its input and output to bf16 (relative step
 # 2**-8 = 3.9e-3); inputs that differ only by fp32 rounding order can land one bf16 step apart, so
-# the tolerance is one such step (observed <= 1.2e-3). Greedy tokens must be identical in both.
+# the tolerance is one such step (observed <= 1.2e-3). DoRA adds one more bf16 rounding on our
+# side: its magnitude factor is computed from the layer as served (W·Aᵀ through the bf16 kernel),
+# PEFT's from the dequantized fp32 weights. Greedy tokens must be identical, except with NF4 at a
+# step where PEFT's own top two logits are closer than the tolerance (a tie at this precision);
+# the two sequences differ from there on, so the comparison stops at that step.
 TOLERANCE = {"none": 1e-4, "nf4": 4e-3}
 
 
@@ -119,10 +123,17 @@ def _assert_matches(results, logits, reference, cases, tolerance):
         request_id = _request_id(adapter, index)
         want_tokens, want_rows = reference[(adapter, index)]
         got_tokens = results[request_id][0]
-        assert got_tokens == want_tokens, f"{request_id}: greedy tokens differ from PEFT"
+        assert len(got_tokens) == len(want_tokens), request_id
         for step, (got, want) in enumerate(zip(logits[request_id], want_rows)):
             error = float((got - want).abs().max() / want.abs().max())
             assert error <= tolerance, f"{request_id} step {step}: relative error {error:.2e}"
+            if got_tokens[step] != want_tokens[step]:
+                top2 = want.topk(2).values
+                margin = float((top2[0] - top2[1]) / want.abs().max())
+                assert tolerance == TOLERANCE["nf4"] and margin <= tolerance, (
+                    f"{request_id} step {step}: greedy token {got_tokens[step]} differs from "
+                    f"PEFT's {want_tokens[step]} (PEFT's top-two margin {margin:.2e})")
+                break
 
 
 def test_adapters_change_the_output(reference, adapter_dirs):

@@ -1,0 +1,137 @@
+"""DoRA in the mix: the core engine benchmark with half of the 32 sequences on DoRA adapters.
+
+Same model, prompts and measurement as benchmarks/core_engine.py (SmolLM2-135M shape, NF4,
+fp32 compute, 2 threads, 32 prompts x 32 tokens, 64 new greedy tokens, EOS ignored), loraplex only:
+
+  (c)  base only
+  (d)  32 rank-16 LoRA adapters, one per sequence
+  (e)  16 of them as DoRA adapters (same A and B plus a magnitude vector), 16 plain
+
+DoRA variants are derived from the benchmark's PEFT adapters: use_dora set, and a magnitude of
+||W + s·B·A|| per output row (W: the fp32 checkpoint) perturbed by 10 %, as training would move it.
+Target: (e) >= 0.75 x (c). Writes benchmarks/reports/dora_mix.md.
+
+    .venv/bin/python -m benchmarks.dora_mix [--repeats N] [--new-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.core_engine import (NEW_TOKENS, NUM_PROMPTS, THREADS, WARMUP_TOKENS, Config, Log,
+                                    build_assets, generate_loraplex, load_core, machine,
+                                    make_prompts, run_config)
+from server.demo import default_cache_dir
+
+DORA_SHARE = 16  # of the 32 sequences
+TARGET = 0.75
+OUT = Path("benchmarks/reports/dora_mix.md")
+
+
+def dora_variants(model_dir: Path, adapters: dict[str, Path], root: Path, log: Log
+                  ) -> dict[str, Path]:
+    """DoRA copies of the first DORA_SHARE adapters under `root`, built once."""
+    names = list(adapters)[:DORA_SHARE]
+    out = {f"dora-{name}": root / f"dora-{name}" for name in names}
+    if all((path / "adapter_model.safetensors").is_file() for path in out.values()):
+        return out
+    log(f"deriving {len(names)} DoRA adapters in {root} (once)")
+    base = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        base.update(load_file(shard))
+    for seed, name in enumerate(names):
+        source, target = adapters[name], out[f"dora-{name}"]
+        config = json.loads((source / "adapter_config.json").read_text())
+        scale = config["lora_alpha"] / config["r"]
+        tensors = load_file(source / "adapter_model.safetensors")
+        generator = torch.Generator().manual_seed(1000 + seed)
+        for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+            prefix = key.removesuffix(".lora_A.weight")
+            a, b = tensors[key].float(), tensors[f"{prefix}.lora_B.weight"].float()
+            w = base[prefix.removeprefix("base_model.model.") + ".weight"].float()
+            norm = (w + scale * b @ a).norm(dim=1)
+            noise = torch.randn(norm.shape, generator=generator)
+            tensors[f"{prefix}.lora_magnitude_vector"] = norm * (1 + 0.1 * noise)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config["use_dora"] = True
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    log = Log()
+    model_dir, adapters = build_assets(default_cache_dir(), log)
+    dora = dora_variants(model_dir, adapters, model_dir.parent / "dora-adapters", log)
+    plain = list(adapters)
+    mixed = [*dora, *plain[DORA_SHARE:]]
+    log("loading the loraplex engine with 32 LoRA and 16 DoRA adapters (fp32 slot tables)")
+    # A slot for each of the 48 adapters: timed rounds never reload one (slot loads are timed
+    # by the registry benchmark, not here).
+    core = load_core(model_dir, {**adapters, **dora}, "float32",
+                     max_slots=len(adapters) + len(dora))
+    prompts = make_prompts()
+    configs = [
+        Config("c", "loraplex, base only",
+               lambda n: generate_loraplex(core, prompts, n, [None] * NUM_PROMPTS), None),
+        Config("d", "loraplex, 32 LoRA adapters",
+               lambda n: generate_loraplex(core, prompts, n, plain), None),
+        Config("e", f"loraplex, {DORA_SHARE} DoRA + {NUM_PROMPTS - DORA_SHARE} LoRA adapters",
+               lambda n: generate_loraplex(core, prompts, n, mixed), None),
+    ]
+    runs = {config.key: [] for config in configs}
+    for config in configs:
+        log(f"warm-up ({config.key})")
+        config.generate(WARMUP_TOKENS)
+    for round_index in range(1, args.repeats + 1):
+        for config in configs:
+            run = run_config(config, args.new_tokens)
+            assert all(len(row) == args.new_tokens for row in run.tokens), "unequal work"
+            runs[config.key].append(run)
+            log(f"round {round_index} ({config.key}) {run.tok_s:.1f} tok/s")
+    best = {key: max(r.tok_s for r in key_runs) for key, key_runs in runs.items()}
+    median = {key: statistics.median(r.tok_s for r in key_runs) for key, key_runs in runs.items()}
+    ratio = best["e"] / best["c"]
+    command = "python -m benchmarks.dora_mix " + shlex.join(sys.argv[1:] if argv is None else argv)
+    lines = ["# DoRA in mixed batches", "",
+             f"SmolLM2-135M-shaped Llama, NF4 base, fp32 compute, {THREADS} CPU threads, fp32 slot "
+             f"tables; {NUM_PROMPTS} prompts x 32 tokens, {args.new_tokens} new greedy tokens each; "
+             f"best and median of {args.repeats} interleaved runs (tokens/s, prefill included).", "",
+             f"Command: `{command.strip()}`  ", f"Date: {datetime.date.today().isoformat()}", "",
+             "| config | best tok/s | median tok/s |", "|---|---|---|"]
+    lines += [f"| ({c.key}) {c.label} | {best[c.key]:.1f} | {median[c.key]:.1f} |"
+              for c in configs]
+    lines += ["", f"(e) / (c) = {ratio:.2f} (best of each), target >= {TARGET}: "
+                  f"**{'PASS' if ratio >= TARGET else 'MISS'}**; (e) / (d) = "
+                  f"{best['e'] / best['d']:.2f}.", "",
+              "DoRA costs at load (each layer's weight norms once, then per adapter a pass of its "
+              "r rows of A through the layer) and per step one [tokens, out] scale of the base "
+              "output per layer while a DoRA slot is in the batch.", "", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in machine().items()] + [""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
