@@ -17,6 +17,7 @@ import grpc
 from loraplex.v1 import admin_pb2, inference_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+ADAPTER_HEADER = "x-adapter-id"  # Inference calls carry the adapter here too, for proxies
 UPLOAD_CHUNK_BYTES = 1 << 20  # the size admin.proto recommends
 
 # The protobuf messages are the public types: typed by their .pyi stubs, nothing to keep in sync.
@@ -185,3 +186,13 @@ def channel_credentials(root_certificates: PathOrPem | None, client_certificate:
 
 def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def inference_metadata(metadata: tuple[tuple[str, str], ...] | None, adapter: str | None
+                       ) -> tuple[tuple[str, str], ...] | None:
+    """`metadata` plus `x-adapter-id: <adapter>`, so that a proxy can route by adapter (consistent
+    hashing) without parsing the protobuf body. A name that cannot be a header value (not
+    printable ASCII) is left out: the server then answers for it as for any invalid name."""
+    if not adapter or not (adapter.isascii() and adapter.isprintable()):
+        return metadata
+    return (*(metadata or ()), (ADAPTER_HEADER, adapter))

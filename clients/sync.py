@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients._common import (
     DEFAULT_TARGET, UPLOAD_CHUNK_BYTES, AdapterFiles, AdapterInfo, GenerateResult, LoraplexError,
     PathOrPem, Progress, ServerInfo, StreamDelta, bearer, channel_credentials, generate_request,
-    generate_result, rpc_errors, stream_delta, upload_requests)
+    generate_result, inference_metadata, rpc_errors, stream_delta, upload_requests)
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 
@@ -64,7 +64,7 @@ class LoraplexClient:
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty)
         with rpc_errors():
             response = self._inference.Generate(
-                request, metadata=self._inference_metadata,
+                request, metadata=inference_metadata(self._inference_metadata, adapter),
                 timeout=self._timeout if timeout is None else timeout)
         return generate_result(response)
 
@@ -83,7 +83,7 @@ class LoraplexClient:
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty)
         call = self._inference.GenerateStream(
-            request, metadata=self._inference_metadata,
+            request, metadata=inference_metadata(self._inference_metadata, adapter),
             timeout=self._timeout if timeout is None else timeout)
         return _deltas(call)
 

@@ -161,6 +161,9 @@ class ServerConfig:
     metrics_port: int = field(
         default=0,
         metadata={"help": "Port of the Prometheus /metrics endpoint; 0 = off."})
+    http_port: int = field(
+        default=0,
+        metadata={"help": "Port of the OpenAI-compatible HTTP API; 0 = off."})
     grace_seconds: float = field(
         default=30.0,
         metadata={"help": "On SIGTERM, how long in-flight requests may take to finish."})
@@ -192,8 +195,9 @@ class ServerConfig:
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError("--tls-client-ca-file (mTLS) needs --tls-cert-file and "
                               "--tls-key-file")
-        if not 0 <= self.metrics_port < 65536:
-            raise ConfigError("--metrics-port must be in [0, 65535]")
+        for flag in ("metrics_port", "http_port"):
+            if not 0 <= getattr(self, flag) < 65536:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 65535]")
         if self.top_adapters < 0:
             raise ConfigError("--top-adapters must be >= 0")
         if self.grace_seconds < 0 or self.max_message_mb <= 0:

@@ -28,6 +28,7 @@ from server.auth import AuthInterceptor, Tokens, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.engine import EngineCore, FinishReason, GenerationRequest
 from server.grpc_errors import ErrorInterceptor, NotReady
+from server.http_api import bound_port, create_app, start_http_server
 from server.metrics import Metrics
 from server.request_log import log_request
 from server.sampler import InvalidRequest, SamplingParams
@@ -192,7 +193,8 @@ async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host:
 
     An exception from `load` stops the server and propagates.
     """
-    running = await start_server(f"{host}:{port}", tokens=load_tokens(config),
+    tokens = load_tokens(config)
+    running = await start_server(f"{host}:{port}", tokens=tokens,
                                  credentials=server_credentials(config),
                                  max_message_bytes=int(config.max_message_mb * 2**20),
                                  top_adapters=config.top_adapters,
@@ -203,7 +205,7 @@ async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    engine = None
+    engine = http = None
     loading = asyncio.ensure_future(asyncio.to_thread(load))
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -214,6 +216,13 @@ async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host:
             if config.metrics_port:
                 running.metrics.serve(config.metrics_port)
                 log.info("metrics on :%d/metrics", config.metrics_port)
+            if config.http_port:
+                app = create_app(running.backend, tokens, running.metrics.registry)
+                http = await start_http_server(
+                    app, host, config.http_port, grace=config.grace_seconds,
+                    cert_file=config.tls_cert_file, key_file=config.tls_key_file,
+                    client_ca_file=config.tls_client_ca_file)
+                log.info("http on %s:%d", host, bound_port(http[0]))
             await running.set_serving(True)
             log.info("serving on %s:%d", host, running.port)
             await stopping
@@ -223,7 +232,11 @@ async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host:
         for task in (loading, stopping):
             task.cancel()  # the load's thread itself runs to its end (threads cannot be stopped)
         await running.set_serving(False)
+        if http is not None:
+            http[0].should_exit = True  # in-flight HTTP requests drain alongside gRPC's
         await running.server.stop(config.grace_seconds)
+        if http is not None:
+            await http[1]
         if engine is not None:
             engine.close()
     log.info("stopped")

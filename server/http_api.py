@@ -1,0 +1,520 @@
+"""The OpenAI-compatible HTTP API, beside gRPC in the same process and on the same Engine.
+
+`/v1/models`, `/v1/completions` and `/v1/chat/completions` (streamed as server-sent events with
+`stream: true`), plus `/health` and `/metrics`. `model` is the base model's name or an adapter's.
+Requests go through the same `Engine` as gRPC, so they count in the same metrics and request log.
+
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; domain errors get
+the HTTP status matching their gRPC status (server/grpc_errors.py). A client that disconnects
+cancels its generation, streamed or not. Defaults follow the OpenAI API, not the gRPC API:
+temperature 1, and for chat, max_tokens up to the context length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import grpc
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from adapters_registry.store import InvalidNameError, UnknownAdapterError
+from server.async_engine import Engine
+from server.auth import Tokens
+from server.config import ConfigError
+from server.engine import FinishReason, GenerationRequest, RequestOutput, UnknownAdapter
+from server.grpc_errors import DOMAIN_ERRORS, status_of
+from server.sampler import SamplingParams
+
+T = TypeVar("T")
+
+# gRPC status of a domain error -> HTTP status, OpenAI error type, error code. The code is
+# OpenAI's where it has one, else the gRPC status name.
+HTTP_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "resource_exhausted"),
+    # A stored adapter that cannot be loaded: the request is well-formed, the model is unusable.
+    grpc.StatusCode.FAILED_PRECONDITION: (422, "invalid_request_error", "failed_precondition"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "invalid_request_error", "permission_denied"),
+}
+FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",
+                  FinishReason.EOS: "stop"}
+# OpenAI fields loraplex cannot honour -> the values meaning "not used" (None always does).
+UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
+               "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
+               "functions": ([],), "tool_choice": ("none", "auto"),
+               "function_call": ("none", "auto"), "response_format": ({"type": "text"},)}
+OPENAI_TEMPERATURE = 1.0  # the OpenAI API's default; the gRPC API's is 0 (greedy)
+COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
+MIN_LOGPROB = -9999.0  # -inf is not JSON
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready; the generation was cancelled."""
+
+
+# ---- request bodies (fields and defaults of the OpenAI API) ----------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields: see UNSUPPORTED, else ignored
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # Extensions with vLLM's names (`extra_body` in the openai SDK).
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=1)  # None: COMPLETION_MAX_TOKENS
+    logprobs: int | None = Field(None, ge=0)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> FastAPI:
+    """`backend`: server.grpc_server.Backend (its engine and registry, once loaded)."""
+    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tokens))])
+
+    @v1.get("/models")
+    async def models():
+        ready = backend.ready()
+        model = ready.engine.core.model
+        created = int(model.model_dir.stat().st_mtime)
+        if ready.registry is not None:
+            adapters = [(r.name, int(r.created_at)) for r in ready.registry.store.list()
+                        if r.error is None]
+        else:
+            adapters = [(name, created) for name in sorted(ready.engine.core.adapters)]
+        return {"object": "list", "data": [
+            {"id": model.name, "object": "model", "created": created, "owned_by": "loraplex"},
+            *({"id": name, "object": "model", "created": at, "owned_by": "loraplex",
+               "parent": model.name} for name, at in adapters)]}
+
+    @v1.post("/completions")
+    async def completions(body: CompletionBody, request: Request):
+        engine, adapter = _resolve(backend, body)
+        logprobs = body.logprobs is not None
+        params = _sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS, logprobs)
+        gen = GenerationRequest(**_prompt(body.prompt), adapter_id=adapter, params=params)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": body.model}
+        tokenizer = engine.core.tokenizer
+
+        def choice(text, ids, lps, finish):
+            return {"index": 0, "text": text, "finish_reason": finish and FINISH_REASONS[finish],
+                    "logprobs": _completion_logprobs(tokenizer, ids, lps) if logprobs else None}
+
+        if not body.stream:
+            with _model_errors(body.model, engine):
+                r = await _unless_disconnected(request, engine.generate(gen))
+            _check_finished(r.finish_reason)
+            return {**head, "choices": [choice(r.text, r.token_ids, r.logprobs, r.finish_reason)],
+                    "usage": _usage(r)}
+
+        def chunks(out: RequestOutput) -> Iterator[dict]:
+            c = choice(out.new_text, out.new_token_ids, out.new_logprobs, out.finish_reason)
+            yield {**head, "choices": [c], **_usage_field(body)}
+            if out.finished and _include_usage(body):
+                yield {**head, "choices": [], "usage": _usage(out)}
+
+        return await _event_stream(request, engine, gen, body.model, chunks)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        engine, adapter = _resolve(backend, body)
+        ids = _chat_prompt(engine.core.tokenizer, body.messages)
+        max_tokens = (body.max_completion_tokens or body.max_tokens
+                      or max(1, engine.core.max_model_len - len(ids)))
+        params = _sampling(body, max_tokens, bool(body.logprobs))
+        gen = GenerationRequest(prompt_token_ids=ids, adapter_id=adapter, params=params)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body.model}
+        tokenizer = engine.core.tokenizer
+
+        def logprobs(token_ids, lps):
+            return _chat_logprobs(tokenizer, token_ids, lps) if body.logprobs else None
+
+        if not body.stream:
+            with _model_errors(body.model, engine):
+                r = await _unless_disconnected(request, engine.generate(gen))
+            _check_finished(r.finish_reason)
+            return {**head, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs(r.token_ids, r.logprobs),
+                "finish_reason": FINISH_REASONS[r.finish_reason]}], "usage": _usage(r)}
+
+        head["object"] = "chat.completion.chunk"
+        first = True
+
+        def chunks(out: RequestOutput) -> Iterator[dict]:
+            nonlocal first
+            delta = {"role": "assistant", "content": out.new_text} if first else {
+                "content": out.new_text}
+            first = False
+            yield {**head, "choices": [{
+                "index": 0, "delta": delta,
+                "logprobs": logprobs(out.new_token_ids, out.new_logprobs),
+                "finish_reason": out.finish_reason and FINISH_REASONS[out.finish_reason]}],
+                **_usage_field(body)}
+            if out.finished and _include_usage(body):
+                yield {**head, "choices": [], "usage": _usage(out)}
+
+        return await _event_stream(request, engine, gen, body.model, chunks)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        backend.ready()  # NotReady while loading: 503
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics():  # a plain def: FastAPI runs it on a worker thread, off the event loop
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    _add_error_handlers(app)
+    return app
+
+
+def _authorizer(tokens: Tokens) -> Callable[[Request], Awaitable[None]]:
+    """The inference token (or the admin token) as `Authorization: Bearer`, when one is set."""
+    accepted = [t for t in (tokens.inference, tokens.admin) if t] if tokens.inference else []
+
+    async def authorize(request: Request) -> None:
+        if not accepted:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing 'Authorization: Bearer <token>' header",
+                           code="invalid_api_key")
+        presented = token.strip().encode()
+        if not any([hmac.compare_digest(presented, t) for t in accepted]):
+            raise ApiError(401, "invalid bearer token", code="invalid_api_key")
+
+    return authorize
+
+
+def _resolve(backend, body: _Sampling) -> tuple[Engine, str | None]:
+    """The engine, and the adapter `body.model` names (None: the base model); refuses what
+    loraplex does not support."""
+    engine = backend.ready().engine
+    if body.n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported: one choice per request", param="n",
+                       code="unsupported_parameter")
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+            raise ApiError(400, f"{name} is not supported by loraplex", param=name,
+                           code="unsupported_parameter")
+    return engine, None if body.model == engine.core.model.name else body.model
+
+
+@contextlib.contextmanager
+def _model_errors(model: str, engine: Engine) -> Iterator[None]:
+    """An unknown adapter (or a name no adapter can have) is an unknown model: 404."""
+    try:
+        yield
+    except (UnknownAdapter, UnknownAdapterError, InvalidNameError) as exc:
+        raise ApiError(404, f"model {model!r} does not exist: it is neither the base model "
+                            f"{engine.core.model.name!r} nor a stored adapter", param="model",
+                       code="model_not_found") from exc
+
+
+def _prompt(prompt: str | list) -> dict:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return {"prompt_token_ids": list(prompt)}
+    if len(prompt) == 1:
+        return _prompt(prompt[0])
+    raise ApiError(400, "prompt must be one string or one list of token ids: several prompts "
+                        "per request are not supported", param="prompt")
+
+
+def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The conversation rendered with the model's chat template: prompt token ids."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template, so chat completions "
+                            "are not available; use /v1/completions", param="messages",
+                       code="chat_template_missing")
+    rendered = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" for part in content):
+                raise ApiError(400, "only text content parts are supported",
+                               param="messages", code="unsupported_parameter")
+            content = "".join(part.text or "" for part in content)
+        rendered.append({**m.model_dump(exclude_none=True), "content": content or ""})
+    try:
+        encoded = tokenizer.apply_chat_template(rendered, add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)
+    except Exception as exc:  # jinja's errors, and the template's own raise_exception
+        raise ApiError(400, f"the chat template refused the messages: {exc}",
+                       param="messages") from exc
+    return list(encoded["input_ids"])
+
+
+def _sampling(body: _Sampling, max_tokens: int, logprobs: bool) -> SamplingParams:
+    defaults = SamplingParams()
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=OPENAI_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0, seed=body.seed, stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []),
+        repetition_penalty=(defaults.repetition_penalty if body.repetition_penalty is None
+                            else body.repetition_penalty),
+        logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
+
+
+def _check_finished(finish_reason: str) -> None:
+    if finish_reason == FinishReason.CANCELLED:
+        raise ApiError(503, "the server cancelled the request (shutting down, or an engine "
+                            "failure: see its log)", type="server_error", code="cancelled")
+
+
+def _token_texts(tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([t]) for t in ids]
+
+
+def _completion_logprobs(tokenizer, ids: list[int], lps: list[float]) -> dict:
+    return {"tokens": _token_texts(tokenizer, ids),
+            "token_logprobs": [max(lp, MIN_LOGPROB) for lp in lps],
+            "top_logprobs": None, "text_offset": None}
+
+
+def _chat_logprobs(tokenizer, ids: list[int], lps: list[float]) -> dict:
+    content = []
+    for text, lp in zip(_token_texts(tokenizer, ids), lps):
+        # A token holding part of a UTF-8 character decodes to U+FFFD: its bytes are unknown.
+        content.append({"token": text, "logprob": max(lp, MIN_LOGPROB),
+                        "bytes": None if "\ufffd" in text else list(text.encode()),
+                        "top_logprobs": []})
+    return {"content": content}
+
+
+def _usage(r) -> dict:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+
+def _include_usage(body: _Sampling) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _usage_field(body: _Sampling) -> dict:
+    """With include_usage, every chunk has `usage`: null, and a last one carries it."""
+    return {"usage": None} if _include_usage(body) else {}
+
+
+# ---- generation on behalf of an HTTP client ------------------------------------------------
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`; if the client disconnects first, cancels it (which aborts the generation)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _event_stream(request: Request, engine: Engine, gen: GenerationRequest, model: str,
+                        chunks: Callable[[RequestOutput], Iterator[dict]]) -> StreamingResponse:
+    """Server-sent events: `chunks(output)` for each engine output, then `[DONE]`.
+
+    The first output is awaited before the response starts, so a refused request gets its HTTP
+    status. Closing the engine's stream aborts the generation: that happens when the client
+    disconnects (the response task is cancelled) or the event generator is closed.
+    """
+    outputs = engine.stream(gen)
+    with _model_errors(model, engine):
+        first = await _unless_disconnected(request, anext(outputs))
+
+    async def events() -> AsyncIterator[str]:
+        async with contextlib.aclosing(outputs):
+            out = first
+            while True:
+                if out.finish_reason == FinishReason.CANCELLED:
+                    error = ApiError(503, "the server cancelled the request (shutting down, or "
+                                          "an engine failure: see its log)",
+                                     type="server_error", code="cancelled")
+                    yield _sse(_error_body(error))
+                    break
+                for chunk in chunks(out):
+                    yield _sse(chunk)
+                if out.finished:
+                    break
+                out = await anext(outputs)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def _error_body(e: ApiError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return _error_response(exc)
+
+    async def domain_error(request, exc: Exception):
+        status, kind, code = HTTP_OF[status_of(exc)]
+        return _error_response(ApiError(status, str(exc), kind, code=code))
+
+    for kind in DOMAIN_ERRORS:
+        app.add_exception_handler(kind, domain_error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # its loc is a character position
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+            return _error_response(ApiError(400, message, code="invalid_argument"))
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return _error_response(ApiError(400, message, param=param, code="invalid_argument"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request, exc: _ClientGone):
+        return Response(status_code=499)  # nobody reads it; "client closed request"
+
+    @app.exception_handler(Exception)
+    async def bug(request, exc: Exception):  # Starlette logs the traceback after this
+        return _error_response(ApiError(500, "internal error", "server_error"))
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves SIGTERM/SIGINT to its owner, which sets `should_exit`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def start_http_server(app: FastAPI, host: str, port: int, *, grace: float | None = None,
+                            cert_file: str = "", key_file: str = "", client_ca_file: str = ""
+                            ) -> tuple[uvicorn.Server, asyncio.Task]:
+    """Serves `app` on `host:port` (0 picks a free port: `bound_port`) from the running loop.
+
+    With `cert_file` and `key_file` it serves HTTPS, and with `client_ca_file` it requires
+    client certificates signed by that CA, as the gRPC server does with the same files.
+    Stop it with `server.should_exit = True` and await the task: it stops accepting, lets
+    requests in flight finish for up to `grace` seconds (None: no limit), then cancels them.
+    An address that cannot be bound (in use, ...) raises ConfigError here.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc}") from exc
+    # log_config=None: uvicorn's loggers go through loraplex's logging (text or JSON).
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                            log_config=None, access_log=False, timeout_graceful_shutdown=grace,
+                            ssl_certfile=cert_file or None, ssl_keyfile=key_file or None,
+                            ssl_ca_certs=client_ca_file or None,
+                            ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca_file else ssl.CERT_NONE)
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # raises why it stopped
+            raise RuntimeError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    return server, task
+
+
+def bound_port(server: uvicorn.Server) -> int:
+    return server.servers[0].sockets[0].getsockname()[1]
