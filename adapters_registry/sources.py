@@ -106,6 +106,8 @@ def read_local_directory(path: str | Path, *, name: str, allowed_roots: Sequence
     if not roots:
         raise _error(name, shown, f"local adapter directories are disabled: start the server "
                      f"with {ROOT_FLAG} DIR to allow directories under DIR")
+    if "\0" in str(path):
+        raise _error(name, repr(str(path)), "a path cannot contain a NUL byte")
     real = os.path.realpath(path)
     root = _root_of(real, roots)
     if root is None:

@@ -43,6 +43,7 @@ from adapters_registry.names import NAME_RULE, is_valid_adapter_name, shown_name
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MAX_VERSION = 2**64 - 1  # what the API's uint64 version fields can carry
 _READ_CHUNK = 1 << 20  # blobs are read (and hashed behind the reader) in chunks of this size
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FORMAT = 1
@@ -276,10 +277,15 @@ class AdapterStore:
             highest = max(old.versions) if old else 0
             if version is None:
                 version = highest + 1
-            elif isinstance(version, bool) or not isinstance(version, int) or version <= highest:
+                if version > MAX_VERSION:
+                    raise InvalidContentError(
+                        f"adapter {name!r}: no version left above {highest}; delete it and "
+                        "upload again (versions restart at 1)")
+            elif (isinstance(version, bool) or not isinstance(version, int)
+                  or not highest < version <= MAX_VERSION):
                 raise InvalidContentError(
-                    f"adapter {name!r}: version must be an integer above {highest}, "
-                    f"got {version!r}")
+                    f"adapter {name!r}: version must be an integer above {highest} and at "
+                    f"most {MAX_VERSION}, got {version!r}")
             new = _Version(version, config_sha, weights_sha, len(config_bytes), len(weights_bytes),
                            round(time.time(), 3))
             versions = [*(old.versions.values() if old else ()), new][-(self.keep_versions + 1):]

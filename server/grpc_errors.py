@@ -45,30 +45,61 @@ def status_of(exc: Exception) -> grpc.StatusCode:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Aborts an RPC that raised a domain error with the matching status and its message."""
+    """Aborts an RPC that raised a domain error with the matching status and its message; a
+    request message that does not parse is INVALID_ARGUMENT (grpc itself would say UNKNOWN)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        decode = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _returning(handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
+                _returning(handler.unary_unary), decode, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _returning(handler.stream_unary), handler.request_deserializer,
+                _returning(handler.stream_unary, stream=True), decode,
                 handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
+                _streaming(handler.unary_stream), decode, handler.response_serializer)
         return handler
 
 
-def _returning(behavior):
+class _Undecodable:
+    """Stands for a request message whose bytes did not parse."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf raises DecodeError and others for bad bytes
+            return _Undecodable(exc)
+    return decode
+
+
+def _check(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidRequest(f"the request message does not parse: {request.error}")
+    return request
+
+
+async def _checked(requests):
+    async for request in requests:
+        yield _check(request)
+
+
+def _returning(behavior, stream: bool = False):
     async def wrapped(request, context):
         try:
+            request = _checked(request) if stream else _check(request)
             return await behavior(request, context)
         except DOMAIN_ERRORS as exc:
             await context.abort(status_of(exc), str(exc))
@@ -78,7 +109,7 @@ def _returning(behavior):
 def _streaming(behavior):
     async def wrapped(request, context):
         try:
-            async for message in behavior(request, context):
+            async for message in behavior(_check(request), context):
                 yield message
         except DOMAIN_ERRORS as exc:
             await context.abort(status_of(exc), str(exc))

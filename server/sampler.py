@@ -6,12 +6,15 @@ depend only on its own logits and seed, never on what else shares the batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 MAX_STOP_STRINGS = 16
+# Logits are divided (or multiplied) by these: outside the ranges they overflow to inf/NaN, and a
+# sampling error in one row would fail the whole step for every request in it.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+PENALTY_RANGE = (1e-2, 1e2)
 MAX_STOP_STRING_CHARS = 256
 
 
@@ -35,14 +38,16 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         if self.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InvalidRequest("temperature must be a finite number >= 0")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InvalidRequest(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, "
+                                 f"{MAX_TEMPERATURE}]")
         if not (0 < self.top_p <= 1):
             raise InvalidRequest("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise InvalidRequest("top_k must be >= 0 (0 = off)")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise InvalidRequest("repetition_penalty must be a finite number > 0")
+        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
+            raise InvalidRequest(f"repetition_penalty must be in [{PENALTY_RANGE[0]}, "
+                                 f"{PENALTY_RANGE[1]}]")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidRequest("seed must be in [0, 2**63)")
         if len(self.stop) > MAX_STOP_STRINGS:
