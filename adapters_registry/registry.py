@@ -84,7 +84,6 @@ class AdapterRegistry:
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
         self.loads = 0
         self.load_failures = 0
-        self.load_seconds: list[float] = []  # recent store -> RAM load times, for benchmarks
         # Called with the seconds each successful store -> RAM load took (metrics).
         self.load_observer: Callable[[float], None] | None = None
 
@@ -265,7 +264,6 @@ class AdapterRegistry:
             return
         elapsed = time.perf_counter() - start
         self.loads += 1
-        self.load_seconds = [*self.load_seconds[-999:], elapsed]
         if self.load_observer is not None:
             self.load_observer(elapsed)
         log.info("adapter %s: version %d loaded into host RAM in %.1f ms (%.1f MiB)%s", key.name,
