@@ -1,7 +1,11 @@
 """Reading and validating PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
 
 The result is a plain `LoraWeights`: for each (layer, module) the tensors A: [r, in], B: [out, r]
-and the scalar scale that PEFT applies (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA).
+and the scalar scale that PEFT applies (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA); the
+same for `embed_tokens` (PEFT's lora_embedding_A [r, vocab] / lora_embedding_B [hidden, r]) and
+`lm_head` (lora_A [r, hidden] / lora_B [vocab, r]) when the adapter targets them. PEFT saves a copy
+of the base model's embedding weights with such adapters (`*.base_layer.weight`, and loads it over
+the base model's): it is accepted only when it equals the served weights, then dropped.
 
 Two entry points share one validation path (`_validate`):
 - `read_peft_adapter(path, spec)`: an adapter directory on disk. Only adapter_config.json and
@@ -29,7 +33,8 @@ from pathlib import Path
 import torch
 
 from adapters_registry.names import NAME_RULE, is_valid_adapter_name, shown_name
-from adapters_registry.spec import TARGET_MODULES, BaseModelSpec, module_path
+from adapters_registry.spec import (EMBED_TOKENS, LM_HEAD, TARGET_MODULES, VOCAB_MODULES,
+                                    BaseModelSpec, module_path)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,19 +53,27 @@ _SAFETENSORS_DTYPES = {"F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
                        "F32": (torch.float32, 4)}
 
 
-# base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight, and with DoRA
-# base_model.model.model.layers.7.self_attn.q_proj.lora_magnitude_vector
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\."
-                  r"([A-Za-z0-9_]+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)",
+# base_model.model.PATH.TENSOR, e.g. base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight
+_KEY = re.compile(r"base_model\.model\.([A-Za-z0-9_.]+?)\.(lora_A\.weight|lora_B\.weight|"
+                  r"lora_magnitude_vector|lora_embedding_A|lora_embedding_B|base_layer\.weight)",
                   re.ASCII)
-_KEY_FORM = ("base_model.model.model.layers.N.(self_attn|mlp).MODULE.(lora_A.weight|"
-             "lora_B.weight|lora_magnitude_vector)")
-_HALF = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
+_DECODER_PATH = re.compile(r"model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.([A-Za-z0-9_]+)",
+                           re.ASCII)
+# Each module kind's tensors: A [r, in], B [out, r], M (DoRA magnitude) [out], W (PEFT's copy of
+# the base weight) [vocab, hidden].
+_DECODER_TENSORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
+_VOCAB_TENSORS = {
+    EMBED_TOKENS: {"lora_embedding_A": "A", "lora_embedding_B": "B", "base_layer.weight": "W"},
+    LM_HEAD: {"lora_A.weight": "A", "lora_B.weight": "B", "base_layer.weight": "W"},
+}
+_KEY_FORM = ("base_model.model. followed by model.layers.N.(self_attn|mlp).MODULE.(lora_A.weight|"
+             "lora_B.weight|lora_magnitude_vector), model.embed_tokens.(lora_embedding_A|"
+             "lora_embedding_B|base_layer.weight) or lm_head.(lora_A.weight|lora_B.weight|"
+             "base_layer.weight)")
 
 # Modules of a Llama-family model that exist but that LoRA is not served on.
-_UNSERVED_MODULES = ("lm_head", "embed_tokens", "norm", "input_layernorm",
-                     "post_attention_layernorm", "rotary_emb", "self_attn", "mlp", "act_fn",
-                     "layers", "model")
+_UNSERVED_MODULES = ("norm", "input_layernorm", "post_attention_layernorm", "rotary_emb",
+                     "self_attn", "mlp", "act_fn", "layers", "model")
 
 # PEFT LoraConfig options that change what the adapter computes, and that we do not serve.
 # Each is rejected when set to anything but its default (None / False / empty).
@@ -106,24 +119,48 @@ class LoraModuleWeights:
     scale: float
     magnitude: torch.Tensor | None = None  # [out], DoRA's per-output-channel magnitude
 
+    @property
+    def nbytes(self) -> int:
+        magnitude = self.magnitude.nbytes if self.magnitude is not None else 0
+        return self.a.nbytes + self.b.nbytes + magnitude
+
 
 @dataclass
 class LoraWeights:
-    """One adapter's tensors, keyed by (layer index, module name)."""
+    """One adapter's tensors: decoder modules keyed by (layer index, module name), and the
+    vocabulary-side modules when targeted (embed_tokens: a [r, vocab], b [hidden, r];
+    lm_head: a [r, hidden], b [vocab, r])."""
 
     name: str
     rank: int
     modules: dict[tuple[int, str], LoraModuleWeights] = field(default_factory=dict)
+    embed_tokens: LoraModuleWeights | None = None
+    lm_head: LoraModuleWeights | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes + (m.magnitude.nbytes if m.magnitude is not None else 0)
-                   for m in self.modules.values())
+        vocab = [m for m in (self.embed_tokens, self.lm_head) if m is not None]
+        return sum(m.nbytes for m in [*self.modules.values(), *vocab])
+
+
+@dataclass(frozen=True)
+class _Module:
+    """A module LoRA may target: a decoder Linear (`layer` set) or embed_tokens / lm_head."""
+
+    path: str  # model.layers.3.self_attn.q_proj, model.embed_tokens or lm_head
+    layer: int | None
+    name: str  # q_proj, ..., or the path of a vocabulary-side module
+    in_features: int
+    out_features: int
+
+    @property
+    def tensors(self) -> dict[str, str]:
+        return _DECODER_TENSORS if self.layer is not None else _VOCAB_TENSORS[self.path]
 
 
 @dataclass(frozen=True)
 class _Target:
-    """One (layer, module) the config targets: its rank and PEFT scale."""
+    """One module the config targets: its rank and PEFT scale."""
 
     r: int
     scale: float
@@ -221,23 +258,47 @@ def _validate(name: str, config_raw: bytes, weights_raw: bytes | bytearray | mma
     the file's size.
     """
     config = _parse_config(name, config_raw)
-    targets = _targets(name, config, spec, max_rank)
+    modules = _servable_modules(spec)
+    targets = _targets(name, config, spec, modules, max_rank)
     entries, data_start = _parse_header(name, weights_raw)
-    pairs = _check_tensor_index(name, entries, data_start, len(weights_raw), targets, spec,
-                                dora=config.get("use_dora", False))
+    halves = _check_tensor_index(name, entries, data_start, len(weights_raw), targets, spec,
+                                 modules, dora=config.get("use_dora", False))
     _check_layout(name, entries, len(weights_raw) - data_start)
     writable = not memoryview(weights_raw).readonly
     buffer = weights_raw if writable else bytearray(weights_raw)
     tensors = {key: _tensor_view(buffer, data_start, entry) for key, entry in entries.items()}
     _check_finite(name, buffer, data_start, entries, tensors)
+    base_copies = {path: h.pop("W") for path, h in halves.items() if "W" in h}
+    for path, key in base_copies.items():
+        _check_base_copy(name, key, tensors[key], spec.vocab_weights.get(path))
+    if base_copies:  # hold only the LoRA tensors, not the file with its copies of the base
+        tensors = {key: t.clone() for key, t in tensors.items() if key not in base_copies.values()}
     weights = LoraWeights(name=name, rank=0)
-    for (layer, module), (key_a, key_b, key_m) in sorted(pairs.items()):
-        target = targets[(layer, module)]
-        weights.modules[(layer, module)] = LoraModuleWeights(
-            a=tensors[key_a], b=tensors[key_b], scale=target.scale,
-            magnitude=tensors[key_m] if key_m else None)
+    for path, h in halves.items():
+        target, module = targets[path], modules[path]
+        lora = LoraModuleWeights(a=tensors[h["A"]], b=tensors[h["B"]], scale=target.scale,
+                                 magnitude=tensors[h["M"]] if "M" in h else None)
+        if module.layer is not None:
+            weights.modules[(module.layer, module.name)] = lora
+        elif path == EMBED_TOKENS:
+            weights.embed_tokens = lora
+        else:
+            weights.lm_head = lora
         weights.rank = max(weights.rank, target.r)
+    weights.modules = dict(sorted(weights.modules.items()))
     return weights
+
+
+def _check_base_copy(name: str, key: str, copy: torch.Tensor, served) -> None:
+    """PEFT loads `copy` over the base model's weight: serve the adapter only when that changes
+    nothing, i.e. the copy equals the served weight (in the copy's dtype)."""
+    if served is None:
+        raise _fail(name, WEIGHTS_FILE, "a copy of a base weight that this server cannot check", key)
+    if not torch.equal(copy, served.to(device="cpu", dtype=copy.dtype)):
+        raise _fail(name, WEIGHTS_FILE,
+                    "a copy of the base model's weight that differs from the served model's "
+                    "(PEFT would load it over the base weights): the adapter was trained on "
+                    "another base model or changes the embeddings, which is not supported", key)
 
 
 # ---- adapter_config.json ------------------------------------------------------------------------
@@ -302,20 +363,39 @@ def _is_positive_number(value) -> bool:
             and math.isfinite(value) and value > 0)
 
 
-def _targets(name: str, config: dict, spec: BaseModelSpec, max_rank: int | None
-             ) -> dict[tuple[int, str], _Target]:
-    """The (layer, module)s the config targets, as PEFT resolves target_modules, exclude_modules
-    and layers_to_transform on a Llama-family model, with each one's rank and scale."""
+def _servable_modules(spec: BaseModelSpec) -> dict[str, _Module]:
+    """Every module of the base model that LoRA is served on, by path."""
+    modules = {}
+    for layer in range(spec.num_layers):
+        for m in TARGET_MODULES:
+            if m in spec.linear_shapes:
+                path = module_path(layer, m)
+                modules[path] = _Module(path, layer, m, *spec.linear_shapes[m])
+    for path in VOCAB_MODULES:
+        modules[path] = _Module(path, None, path, *spec.module_shape(path))
+    return modules
+
+
+def _servable_names(spec: BaseModelSpec) -> list[str]:
+    """The module names target_modules may list, for messages."""
+    return [m for m in TARGET_MODULES if m in spec.linear_shapes] + ["embed_tokens", LM_HEAD]
+
+
+def _targets(name: str, config: dict, spec: BaseModelSpec, modules: dict[str, _Module],
+             max_rank: int | None) -> dict[str, _Target]:
+    """The modules (by path) the config targets, as PEFT resolves target_modules,
+    exclude_modules, layers_to_transform and ensure_weight_tying on a Llama-family model, with
+    each one's rank and scale."""
 
     def bad(reason: str) -> AdapterFormatError:
         return _fail(name, CONFIG_FILE, reason)
 
-    servable = [m for m in TARGET_MODULES if m in spec.linear_shapes]
-    candidates = {module_path(layer, m): (layer, m)
-                  for layer in range(spec.num_layers) for m in servable}
+    servable = _servable_names(spec)
+    candidates = {path: (module.layer, module.name) for path, module in modules.items()}
+    decoder = {path for path, module in modules.items() if module.layer is not None}
     wanted = config.get("target_modules")
-    if wanted == "all-linear":
-        selected = set(candidates)
+    if wanted == "all-linear":  # PEFT: every Linear but the output layer
+        selected = set(decoder)
     elif isinstance(wanted, str):
         raise bad(f"target_modules as a regular expression ({wanted!r}) is not supported: "
                   "list the module names, e.g. [\"q_proj\", \"v_proj\"]")
@@ -355,7 +435,16 @@ def _targets(name: str, config: dict, spec: BaseModelSpec, max_rank: int | None
         if pattern not in (None, "", [], "layers", ["layers"]):
             raise bad(f"layers_pattern={pattern!r} is not supported: the base model's decoder "
                       "layers are 'layers'")
-        selected = {p for p in selected if candidates[p][0] in layers}
+        # The file decides for embed_tokens / lm_head: PEFT keeps lm_head and drops
+        # embed_tokens here, so both stay allowed and a module without tensors adds nothing.
+        selected = {p for p in selected if p not in decoder or candidates[p][0] in layers}
+    if spec.tie_word_embeddings and config.get("ensure_weight_tying") and \
+            selected & set(VOCAB_MODULES):
+        selected |= set(VOCAB_MODULES)  # PEFT ties the two adapters of a tied embedding
+    if config.get("use_dora", False) and selected & set(VOCAB_MODULES):
+        vocab = " and ".join(sorted(selected & set(VOCAB_MODULES)))
+        raise bad(f"use_dora with LoRA on {vocab} is not supported (DoRA is served on the "
+                  "decoder layers' Linear modules)")
     if not selected:
         raise bad("target_modules, exclude_modules and layers_to_transform select no module "
                   "of the base model")
@@ -366,7 +455,7 @@ def _targets(name: str, config: dict, spec: BaseModelSpec, max_rank: int | None
         if max_rank is not None and r > max_rank:
             raise bad(f"rank {r} of {path} ({source}) exceeds the server's max rank {max_rank}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
-        targets[candidates[path]] = _Target(r=r, scale=scale)
+        targets[path] = _Target(r=r, scale=scale)
     return targets
 
 
@@ -448,11 +537,12 @@ def _is_index(value) -> bool:
 
 
 def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, total: int,
-                        targets: dict[tuple[int, str], _Target], spec: BaseModelSpec,
-                        dora: bool) -> dict[tuple[int, str], tuple[str, str, str | None]]:
+                        targets: dict[str, _Target], spec: BaseModelSpec,
+                        modules: dict[str, _Module], dora: bool) -> dict[str, dict[str, str]]:
     """Checks every header entry (key, module, layer, target, dtype, shape, extent) and that
     lora_A and lora_B come in pairs, with a DoRA magnitude vector exactly when `dora`.
-    Returns (layer, module) -> (lora_A key, lora_B key, magnitude key or None).
+    Returns module path -> {"A": lora_A key, "B": lora_B key, and "M": magnitude key,
+    "W": base weight copy key when present}.
 
     A targeted module without any tensors is allowed, as PEFT allows it (with a warning): its
     lora_B keeps PEFT's zero init, so the module is left without LoRA.
@@ -462,30 +552,30 @@ def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, 
         return _fail(name, WEIGHTS_FILE, reason, tensor)
 
     data_bytes = total - data_start
-    halves: dict[tuple[int, str], dict[str, str]] = {}
+    halves: dict[str, dict[str, str]] = {}
     for key, entry in entries.items():
         match = _KEY.fullmatch(key)
         if not match:
             raise bad(f"unknown tensor key (expected {_KEY_FORM})", key)
-        layer, block, module, half = int(match[1]), match[2], match[3], _HALF[match[4]]
-        if module not in spec.linear_shapes or module not in TARGET_MODULES \
-                or module_path(layer, module).split(".")[3] != block:
-            supported = ", ".join(m for m in TARGET_MODULES if m in spec.linear_shapes)
-            raise bad(f"unknown module {block}.{module} (supported: {supported})", key)
-        if layer >= spec.num_layers:
-            raise bad(f"layer {layer} out of range (the base model has {spec.num_layers} layers)", key)
-        target = targets.get((layer, module))
+        module = _module_of_key(name, key, match[1], spec, modules)
+        half = module.tensors.get(match[2])
+        if half is None:
+            raise bad(f"unknown tensor key: {module.path} has no {match[2]} "
+                      f"(expected {', '.join(module.tensors)})", key)
+        target = targets.get(module.path)
         if target is None:
-            raise bad(f"module {module_path(layer, module)} is not targeted by {CONFIG_FILE} "
+            raise bad(f"module {module.path} is not targeted by {CONFIG_FILE} "
                       "(target_modules / exclude_modules / layers_to_transform)", key)
         if entry.dtype not in _SAFETENSORS_DTYPES:
             raise bad(f"dtype {entry.dtype} not allowed (only F16, BF16 or F32)", key)
         if half == "M" and not dora:
             raise bad(f"a DoRA magnitude vector, but {CONFIG_FILE} does not set use_dora", key)
-        in_features, out_features = spec.linear_shapes[module]
-        expected, form = {"A": ((target.r, in_features), "lora_A is [r, in_features]"),
-                          "B": ((out_features, target.r), "lora_B is [out_features, r]"),
-                          "M": ((out_features,), "the magnitude is [out_features]")}[half]
+        r, fan_in, fan_out = target.r, module.in_features, module.out_features
+        expected, form = {"A": ((r, fan_in), f"{match[2]} is [r, {fan_in}]"),
+                          "B": ((fan_out, r), f"{match[2]} is [{fan_out}, r]"),
+                          "M": ((fan_out,), "the magnitude is [out_features]"),
+                          "W": ((spec.vocab_size, spec.hidden_size), "the base weight is "
+                                "[vocab_size, hidden_size]")}[half]
         if entry.shape != expected:
             raise bad(f"shape {list(entry.shape)}, expected {list(expected)} "
                       f"({form}, r={target.r})", key)
@@ -496,21 +586,38 @@ def _check_tensor_index(name: str, entries: dict[str, _Entry], data_start: int, 
         if entry.end > data_bytes:
             raise bad(f"truncated: data ends at byte {entry.end} but the file holds only "
                       f"{data_bytes} data bytes", key)
-        halves.setdefault((layer, module), {})[half] = key
-    if not halves:
+        halves.setdefault(module.path, {})[half] = key
+    if not any({"A", "B"} & set(h) for h in halves.values()):
         raise bad("holds no LoRA tensors")
-    pairs = {}
-    for (layer, module), h in sorted(halves.items()):
-        path = module_path(layer, module)
+    for path, h in halves.items():
         if not {"A", "B"} <= set(h):
             if {"A", "B"} & set(h):
                 have, missing = ("A", "B") if "A" in h else ("B", "A")
                 raise bad(f"lora_{have} without lora_{missing} for {path}", h[have])
-            raise bad(f"a DoRA magnitude vector without lora_A and lora_B for {path}", h["M"])
+            if "M" in h:
+                raise bad(f"a DoRA magnitude vector without lora_A and lora_B for {path}", h["M"])
+            raise bad(f"a copy of the base weight without lora_A and lora_B for {path}", h["W"])
         if dora and "M" not in h:
             raise bad(f"use_dora is set but {path} has no lora_magnitude_vector", h["A"])
-        pairs[(layer, module)] = (h["A"], h["B"], h.get("M"))
-    return pairs
+    return {path: halves[path] for path in sorted(halves)}
+
+
+def _module_of_key(name: str, key: str, path: str, spec: BaseModelSpec,
+                   modules: dict[str, _Module]) -> _Module:
+    """The servable module a tensor key's path names, or an error saying why it is none."""
+    if path in modules:
+        return modules[path]
+    supported = ", ".join(_servable_names(spec))
+    match = _DECODER_PATH.fullmatch(path)
+    if match is None:
+        raise _fail(name, WEIGHTS_FILE, f"unknown module {path} (supported: {supported})", key)
+    layer, block, module = int(match[1]), match[2], match[3]
+    if module not in spec.linear_shapes or module not in TARGET_MODULES \
+            or module_path(layer, module).split(".")[3] != block:
+        raise _fail(name, WEIGHTS_FILE, f"unknown module {block}.{module} (supported: {supported})",
+                    key)
+    raise _fail(name, WEIGHTS_FILE,
+                f"layer {layer} out of range (the base model has {spec.num_layers} layers)", key)
 
 
 def _check_layout(name: str, entries: dict[str, _Entry], data_bytes: int) -> None:

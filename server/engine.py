@@ -22,7 +22,7 @@ from server import lora_cpu_kernel, lora_op
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.kv_cache import KVCache
-from server.lora_layer import LoraContext, clear_slot, wrap_lora_targets, write_adapter_to_slot
+from server.lora_layer import LoraContext, wrap_lora_targets
 from server.model import LoadedModel
 from server.model_step import ModelRunner, SeqChunk, build_step_inputs
 from server.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
@@ -100,7 +100,7 @@ class EngineCore:
         self.adapters: dict[str, AdapterLease] = {}
         self._versions = itertools.count(1)
         self.slots = AdapterSlots(config.max_slots, load=self._load_slot,
-                                  clear=lambda slot: clear_slot(self.layers, slot))
+                                  clear=self.layers.clear)
         self.scheduler = Scheduler(self.kv, self.slots, max_batch_size=config.max_batch_size,
                                    max_step_tokens=config.max_step_tokens)
         self.runner = ModelRunner(model.hf, self.kv, self.lora)
@@ -139,7 +139,7 @@ class EngineCore:
                                  f"above --max-rank {self.config.max_rank}")
 
     def _load_slot(self, slot: int, lease: AdapterLease) -> None:
-        write_adapter_to_slot(self.layers, slot, lease.weights)
+        self.layers.write(slot, lease.weights)
 
     # ---- requests -------------------------------------------------------------------------
 

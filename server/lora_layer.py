@@ -1,12 +1,15 @@
 """Multi-LoRA Linear layers: the base layer plus slot tables plus one shared per-step mapping.
 
 After the model is built, `wrap_lora_targets` swaps every target Linear (q, k, v, o, gate, up,
-down) for a `MultiLoraLinear`. Each holds preallocated tables for `max_slots` adapters, padded to
-`max_rank`; an adapter occupies the same slot index in every layer. The token -> slot mapping is
-set ONCE per step on the shared `LoraContext`; the layers only read it.
+down) for a `MultiLoraLinear`, and embed_tokens and lm_head for their wrappers
+(server/lora_vocab.py). Each Linear holds preallocated tables for `max_slots` adapters, padded to
+`max_rank`; an adapter occupies the same slot index in every module. The token -> slot mapping is
+set ONCE per step on the shared `LoraContext`; the modules only read it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,17 +18,21 @@ from adapters_registry.peft_format import LoraWeights
 from adapters_registry.spec import TARGET_MODULES, module_path
 from server.dora import dora_factor, weight_row_sq_norms
 from server.lora_op import SlotMapping, lora_apply
+from server.lora_vocab import MultiLoraEmbedding, MultiLoraLMHead
 
 
 class LoraContext:
-    """The per-step token -> slot mapping shared by every wrapped layer."""
+    """The per-step token -> slot mapping shared by every wrapped module."""
 
     def __init__(self):
-        self.mapping = SlotMapping.build(torch.empty(0, dtype=torch.long))
+        self.set_step(torch.empty(0, dtype=torch.long))
 
-    def set_step(self, token_slots: torch.Tensor) -> None:
-        """token_slots: [T] adapter slot of each packed token, -1 = base model."""
+    def set_step(self, token_slots: torch.Tensor, logit_slots: torch.Tensor | None = None) -> None:
+        """token_slots: [T] adapter slot of each packed token, -1 = base model; logit_slots: [N]
+        the slots of the rows whose logits the step computes (lm_head's input), default none."""
         self.mapping = SlotMapping.build(token_slots)
+        self.token_slots = token_slots
+        self.logit_slots = token_slots[:0] if logit_slots is None else logit_slots
 
 
 class MultiLoraLinear(nn.Module):
@@ -139,12 +146,41 @@ class MultiLoraLinear(nn.Module):
             self.lora_b[slot, start:stop].zero_()
 
 
+@dataclass
+class LoraModules:
+    """Every LoRA-wrapped module of a model; an adapter occupies the same slot in all of them."""
+
+    linears: dict[tuple[int, str], MultiLoraLinear]  # by (layer, module)
+    embed_tokens: MultiLoraEmbedding
+    lm_head: MultiLoraLMHead
+
+    def write(self, slot: int, weights: LoraWeights) -> None:
+        """Loads every module of an adapter into `slot`; modules it does not target are cleared."""
+        for key, layer in self.linears.items():
+            module = weights.modules.get(key)
+            if module is None:
+                layer.reset_lora(slot)
+            else:
+                layer.set_lora(slot, module.a, module.b, module.scale, module.magnitude)
+        for wrapper, module in ((self.embed_tokens, weights.embed_tokens),
+                                (self.lm_head, weights.lm_head)):
+            if module is None:
+                wrapper.reset_lora(slot)
+            else:
+                wrapper.set_lora(slot, module.a, module.b, module.scale)
+
+    def clear(self, slot: int) -> None:
+        for layer in self.linears.values():
+            layer.reset_lora(slot)
+        self.embed_tokens.reset_lora(slot)
+        self.lm_head.reset_lora(slot)
+
+
 def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, max_rank: int,
                       dtype: torch.dtype, device: torch.device,
-                      compute_dtype: torch.dtype = torch.float32
-                      ) -> dict[tuple[int, str], MultiLoraLinear]:
-    """Replaces every target Linear of every decoder layer; returns them by (layer, module)."""
-    wrapped = {}
+                      compute_dtype: torch.dtype = torch.float32) -> LoraModules:
+    """Replaces every target Linear of every decoder layer, embed_tokens and lm_head."""
+    linears = {}
     for layer in range(hf.config.num_hidden_layers):
         for name in TARGET_MODULES:
             path = module_path(layer, name)
@@ -154,21 +190,8 @@ def wrap_lora_targets(hf: nn.Module, context: LoraContext, *, max_slots: int, ma
                                      max_rank=max_rank, dtype=dtype, device=device,
                                      compute_dtype=compute_dtype)
             setattr(parent, attr, module)
-            wrapped[(layer, name)] = module
-    return wrapped
-
-
-def write_adapter_to_slot(layers: dict[tuple[int, str], MultiLoraLinear], slot: int,
-                          weights: LoraWeights) -> None:
-    """Loads every module of an adapter into `slot`; modules it does not target are zeroed."""
-    for key, layer in layers.items():
-        module = weights.modules.get(key)
-        if module is None:
-            layer.reset_lora(slot)
-        else:
-            layer.set_lora(slot, module.a, module.b, module.scale, module.magnitude)
-
-
-def clear_slot(layers: dict[tuple[int, str], MultiLoraLinear], slot: int) -> None:
-    for layer in layers.values():
-        layer.reset_lora(slot)
+            linears[(layer, name)] = module
+    embed = MultiLoraEmbedding(hf.model.embed_tokens, context, dtype=dtype, device=device)
+    lm_head = MultiLoraLMHead(hf.lm_head, context, dtype=dtype, device=device)
+    hf.model.embed_tokens, hf.lm_head = embed, lm_head
+    return LoraModules(linears, embed, lm_head)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from adapters_registry.spec import TARGET_MODULES, BaseModelSpec, module_path
+from adapters_registry.spec import (EMBED_TOKENS, LM_HEAD, TARGET_MODULES, BaseModelSpec,
+                                    module_path)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,13 @@ def model_spec(hf: torch.nn.Module) -> BaseModelSpec:
         linear = hf.get_submodule(module_path(0, name))
         shapes[name] = _linear_in_out(linear)
     cfg = hf.config
+    embed, lm_head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    embed, lm_head = getattr(embed, "base", embed), getattr(lm_head, "base", lm_head)  # unwrapped
     return BaseModelSpec(model_type=cfg.model_type, num_layers=cfg.num_hidden_layers,
                          hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-                         linear_shapes=shapes)
+                         linear_shapes=shapes,
+                         tie_word_embeddings=lm_head.weight is embed.weight,
+                         vocab_weights={EMBED_TOKENS: embed.weight, LM_HEAD: lm_head.weight})
 
 
 def _linear_in_out(linear: torch.nn.Module) -> tuple[int, int]:

@@ -49,12 +49,13 @@ class StepInputs:
     write_rows: torch.Tensor  # [T] KV-cache row receiving each token's key and value
     groups: list[AttentionGroup]
     logit_rows: torch.Tensor  # [N] packed rows whose next-token logits are returned
+    logit_slots: torch.Tensor  # [N] adapter slot of each of those rows
 
 
 def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
                       device: torch.device) -> StepInputs:
     """Packs the chunks' tokens and precomputes every index and mask the layers share."""
-    ids, positions, slots, rows, logit_rows = [], [], [], [], []
+    ids, positions, slots, rows, logit_rows, logit_slots = [], [], [], [], [], []
     offsets = []
     for chunk in chunks:
         n = len(chunk.token_ids)
@@ -65,6 +66,7 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
         rows += kv.rows_of(chunk.block_table, chunk.start, chunk.start + n)
         if chunk.needs_logits:
             logit_rows.append(len(ids) - 1)
+            logit_slots.append(chunk.slot)
     decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
     prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
     groups = [_attention_group([chunks[i] for i in members], [offsets[i] for i in members],
@@ -73,7 +75,7 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return StepInputs(input_ids=as_long(ids), positions=as_long(positions),
                       token_slots=as_long(slots), write_rows=as_long(rows), groups=groups,
-                      logit_rows=as_long(logit_rows))
+                      logit_rows=as_long(logit_rows), logit_slots=as_long(logit_slots))
 
 
 def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, windows: set,
@@ -128,7 +130,7 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Runs one step; returns fp32 logits [N, vocab] of the rows in `inputs.logit_rows`."""
         model = self.hf.model
-        self.lora.set_step(inputs.token_slots)
+        self.lora.set_step(inputs.token_slots, inputs.logit_slots)
         h = model.embed_tokens(inputs.input_ids)  # [T, hidden]
         cos, sin = model.rotary_emb(h, inputs.positions[None])  # [1, T, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]

@@ -88,9 +88,65 @@ def write_dora_adapter(directory, *, base_model_dir, r, lora_alpha, target_modul
 
 @pytest.fixture(scope="session")
 def tiny_dora_adapter_dirs(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("tiny-dora-adapters")
+    return _write_adapters(tmp_path_factory.mktemp("tiny-dora-adapters"), tiny_model_dir,
+                           TINY_DORA_ADAPTERS, write=write_dora_adapter)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory):
+    """The tiny model's shape with tied embeddings: lm_head uses embed_tokens' weight."""
+    path = tmp_path_factory.mktemp("tiny-llama-tied")
+    write_llama_model(path, **TINY_SHAPE, seed=4, tie_word_embeddings=True)
+    return path
+
+
+# Adapters on embed_tokens and lm_head, saved by PEFT for the base they are served on (PEFT adds
+# its copies of the base embedding weights). On a tied base, ensure_weight_tying makes PEFT give
+# lm_head the embedding adapter's tensors (transposed) as well.
+TINY_VOCAB_ADAPTERS = {
+    "embed-r4": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], seed=31),
+    "head-r8": dict(r=8, lora_alpha=16, target_modules=["lm_head", "v_proj"], seed=32),
+    "embed-head-r16-rslora": dict(r=16, lora_alpha=8, use_rslora=True, seed=33,
+                                  target_modules=["embed_tokens", "lm_head", "down_proj"]),
+}
+TIED_VOCAB_ADAPTERS = {
+    "tied-embed-head-r8": dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "o_proj"],
+                               ensure_weight_tying=True, seed=34),
+}
+
+
+def write_peft_adapter(directory, *, base_model_dir, seed, **lora_config):
+    """A PEFT LoRA adapter saved by PEFT itself, every LoRA tensor 0.2·N(0, 1) (seeded)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(**lora_config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(str(directory))
+
+
+def _write_adapters(root, base_model_dir, adapters, write=None):
+    """`write(directory, base_model_dir=..., **kwargs)` for each adapter (default: PEFT's LoRA)."""
+    write = write or write_peft_adapter
     dirs = {}
-    for name, kwargs in TINY_DORA_ADAPTERS.items():
+    for name, kwargs in adapters.items():
         dirs[name] = root / name
-        write_dora_adapter(dirs[name], base_model_dir=tiny_model_dir, **kwargs)
+        write(dirs[name], base_model_dir=base_model_dir, **kwargs)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_adapter_dirs(tmp_path_factory, tiny_model_dir):
+    return _write_adapters(tmp_path_factory.mktemp("tiny-vocab-adapters"), tiny_model_dir,
+                           TINY_VOCAB_ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def tied_vocab_adapter_dirs(tmp_path_factory, tiny_tied_model_dir):
+    return _write_adapters(tmp_path_factory.mktemp("tied-vocab-adapters"), tiny_tied_model_dir,
+                           {**TINY_VOCAB_ADAPTERS, **TIED_VOCAB_ADAPTERS})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,6 +31,11 @@ def key(layer: int, module: str, half: str) -> str:
 
 
 Q0A, Q0B, V1B = key(0, "q_proj", "A"), key(0, "q_proj", "B"), key(1, "v_proj", "B")
+VOCAB = TINY_SHAPE["vocab_size"]
+EMBED = "base_model.model.model.embed_tokens."
+HEAD = "base_model.model.lm_head."
+EMB_A, EMB_B, EMB_W = (EMBED + t for t in ("lora_embedding_A", "lora_embedding_B", "base_layer.weight"))
+HEAD_A, HEAD_B, HEAD_W = (HEAD + t for t in ("lora_A.weight", "lora_B.weight", "base_layer.weight"))
 
 
 def load_base(model_dir):
@@ -133,6 +139,29 @@ def add_pair(layer, module, r, in_features, out_features, block=None):
     return edit
 
 
+def vocab_pair(target: str, r: int = 4) -> dict:
+    """Zero LoRA tensors for embed_tokens or lm_head, in PEFT's layouts."""
+    if target == "embed_tokens":
+        return {EMB_A: torch.zeros(r, VOCAB), EMB_B: torch.zeros(HIDDEN, r)}
+    return {HEAD_A: torch.zeros(r, HIDDEN), HEAD_B: torch.zeros(VOCAB, r)}
+
+
+def with_vocab(target: str, edit=None, **config_changes):
+    """BASE with `target` (embed_tokens or lm_head) added, then `edit`ed."""
+    def build(config, tensors):
+        config["target_modules"] = config["target_modules"] + [target]
+        config.update(config_changes)
+        tensors.update(vocab_pair(target))
+        if edit is not None:
+            edit(tensors)
+        return as_json(config), as_safetensors(tensors), {}
+    return build
+
+
+def edits(*steps):
+    return lambda t: [step(t) for step in steps]
+
+
 ANY = object()  # the case does not pin the tensor named in the error
 
 CORPUS = [
@@ -170,10 +199,12 @@ CORPUS = [
      "target_modules must be a non-empty list"),
     ("target-not-in-base", config_with(target_modules=["q_proj", "v_proj", "foo_proj"]), CONFIG_FILE,
      None, "target_modules entry 'foo_proj' names no module of the base model"),
-    ("target-lm-head", config_with(target_modules=["q_proj", "v_proj", "lm_head"]), CONFIG_FILE, None,
-     "LoRA on lm_head is not supported"),
-    ("target-embed-tokens", config_with(target_modules=["q_proj", "v_proj", "embed_tokens"]),
-     CONFIG_FILE, None, "LoRA on embed_tokens is not supported"),
+    ("target-norm", config_with(target_modules=["q_proj", "v_proj", "norm"]), CONFIG_FILE, None,
+     "LoRA on norm is not supported"),
+    ("dora-on-lm-head", with_vocab("lm_head", use_dora=True), CONFIG_FILE, None,
+     "use_dora with LoRA on lm_head is not supported"),
+    ("dora-on-embed-tokens", with_vocab("embed_tokens", use_dora=True), CONFIG_FILE, None,
+     "use_dora with LoRA on model.embed_tokens is not supported"),
     ("layers-pattern", config_with(layers_to_transform=[0], layers_pattern="h"), CONFIG_FILE, None,
      "layers_pattern='h' is not supported"),
     ("targets-nothing", config_with(layers_to_transform=[5]), CONFIG_FILE, None, "select no module"),
@@ -219,9 +250,35 @@ CORPUS = [
     ("no-tensors", raw_weights(lambda raw: as_safetensors({})), WEIGHTS_FILE, None,
      "holds no LoRA tensors"),
     # tensor keys
-    ("unknown-tensor-key", tensors_with(set_item("base_model.model.lm_head.lora_A.weight",
-                                                 torch.zeros(4, HIDDEN))),
-     WEIGHTS_FILE, "base_model.model.lm_head.lora_A.weight", "unknown tensor key"),
+    ("unknown-tensor-key", tensors_with(set_item(Q0A.replace("lora_A.weight", "weight"),
+                                                 torch.zeros(HIDDEN, HIDDEN))),
+     WEIGHTS_FILE, Q0A.replace("lora_A.weight", "weight"), "unknown tensor key"),
+    ("unknown-module-path", tensors_with(set_item("base_model.model.model.norm.lora_A.weight",
+                                                  torch.zeros(4, HIDDEN))),
+     WEIGHTS_FILE, "base_model.model.model.norm.lora_A.weight", "unknown module model.norm"),
+    ("embedding-tensor-on-linear", tensors_with(set_item(Q0A.replace("lora_A.weight",
+                                                                     "lora_embedding_A"),
+                                                         torch.zeros(4, HIDDEN))),
+     WEIGHTS_FILE, Q0A.replace("lora_A.weight", "lora_embedding_A"),
+     "model.layers.0.self_attn.q_proj has no lora_embedding_A"),
+    ("linear-tensor-on-embedding", with_vocab("embed_tokens", set_item(EMBED + "lora_A.weight",
+                                                                        torch.zeros(4, VOCAB))),
+     WEIGHTS_FILE, EMBED + "lora_A.weight", "model.embed_tokens has no lora_A.weight"),
+    ("tensor-for-untargeted-lm-head", tensors_with(lambda t: t.update(vocab_pair("lm_head"))),
+     WEIGHTS_FILE, ANY, "module lm_head is not targeted"),
+    ("embedding-A-shape", with_vocab("embed_tokens", set_item(EMB_A, torch.zeros(4, HIDDEN))),
+     WEIGHTS_FILE, EMB_A, "shape [4, 128], expected [4, 512]"),
+    ("lm-head-B-shape", with_vocab("lm_head", set_item(HEAD_B, torch.zeros(VOCAB - 1, 4))),
+     WEIGHTS_FILE, HEAD_B, "shape [511, 4], expected [512, 4]"),
+    ("embedding-B-without-A", with_vocab("embed_tokens", delete(EMB_A)), WEIGHTS_FILE, EMB_B,
+     "lora_B without lora_A for model.embed_tokens"),
+    ("base-copy-differs", with_vocab("embed_tokens", set_item(EMB_W, torch.ones(VOCAB, HIDDEN))),
+     WEIGHTS_FILE, EMB_W, "differs from the served model's"),
+    ("base-copy-shape", with_vocab("lm_head", set_item(HEAD_W, torch.zeros(VOCAB, 64))),
+     WEIGHTS_FILE, HEAD_W, "shape [512, 64], expected [512, 128]"),
+    ("base-copy-alone", with_vocab("lm_head", edits(delete(HEAD_A), delete(HEAD_B),
+                                                    set_item(HEAD_W, torch.zeros(VOCAB, HIDDEN)))),
+     WEIGHTS_FILE, HEAD_W, "a copy of the base weight without lora_A and lora_B for lm_head"),
     ("magnitude-without-use-dora", tensors_with(set_item(
         Q0A.replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(HIDDEN))),
      WEIGHTS_FILE, Q0A.replace("lora_A.weight", "lora_magnitude_vector"),
@@ -524,3 +581,41 @@ def test_missing_module_pair_allowed_like_peft(spec, base_files):
     del tensors[Q0A], tensors[Q0B]
     weights = parse_peft_adapter("partial", as_json(config), as_safetensors(tensors), spec)
     assert set(weights.modules) == {(0, "v_proj"), (1, "q_proj"), (1, "v_proj")}
+
+
+def test_embedding_and_lm_head_adapters_match_peft(spec, tiny_model_dir, tiny_vocab_adapter_dirs):
+    """PEFT's layouts: embed_tokens lora_embedding_A [r, vocab] / _B [hidden, r], lm_head lora_A
+    [r, hidden] / lora_B [vocab, r]; PEFT's copies of the base weights are checked, then dropped."""
+    from peft import PeftModel
+
+    directory = tiny_vocab_adapter_dirs["embed-head-r16-rslora"]
+    assert {EMB_W, HEAD_W} <= set(load_safetensors((directory / WEIGHTS_FILE).read_bytes()))
+    weights = read_peft_adapter(directory, spec)
+    peft_model = PeftModel.from_pretrained(load_base(tiny_model_dir), directory)
+    embed = peft_model.get_submodule("base_model.model.model.embed_tokens")
+    head = peft_model.get_submodule("base_model.model.lm_head")
+    assert torch.equal(weights.embed_tokens.a, embed.lora_embedding_A["default"].detach())
+    assert torch.equal(weights.embed_tokens.b, embed.lora_embedding_B["default"].detach())
+    assert torch.equal(weights.lm_head.a, head.lora_A["default"].weight.detach())
+    assert torch.equal(weights.lm_head.b, head.lora_B["default"].weight.detach())
+    assert weights.embed_tokens.scale == pytest.approx(embed.scaling["default"], rel=1e-12)
+    assert weights.lm_head.scale == pytest.approx(head.scaling["default"], rel=1e-12)
+    assert_matches_peft(weights, peft_model, {(0, "down_proj"), (1, "down_proj")})
+    lora_bytes = 4 * 16 * (2 * VOCAB + 2 * HIDDEN) + 4 * 16 * 2 * (INTER + HIDDEN)
+    assert weights.nbytes == lora_bytes  # the base copies are not held
+
+
+def test_tied_embedding_adapter_brings_its_lm_head(tiny_tied_model_dir, tied_vocab_adapter_dirs):
+    """On a tied base, ensure_weight_tying makes PEFT save lm_head tensors that its config does
+    not list: they are served (PEFT serves them), and on an untied base they are refused."""
+    from server.model import model_spec
+
+    directory = tied_vocab_adapter_dirs["tied-embed-head-r8"]
+    tied = model_spec(load_base(tiny_tied_model_dir))
+    assert tied.tie_word_embeddings
+    weights = read_peft_adapter(directory, tied)
+    assert weights.embed_tokens is not None and weights.lm_head is not None
+    assert torch.equal(weights.lm_head.a, weights.embed_tokens.b.t())
+    untied = dataclasses.replace(tied, tie_word_embeddings=False)
+    with pytest.raises(AdapterFormatError, match="module lm_head is not targeted"):
+        read_peft_adapter(directory, untied)

@@ -1,10 +1,12 @@
 """The engine's output for adapter X equals PEFT's output for adapter X on the same base weights.
 
 PEFT is the reference implementation of LoRA and DoRA. For every adapter (plain LoRA of several
-ranks, alphas, rsLoRA and targets; DoRA on attention and MLP modules) and the base model, the
-engine's logits match `PeftModel` with that adapter active, and greedy generations are identical
-token for token: each request alone, all interleaved in the same batches (DoRA, plain LoRA and
-base requests together), and joining a running batch.
+ranks, alphas, rsLoRA and targets; DoRA on attention and MLP modules; LoRA on embed_tokens and
+lm_head, as PEFT saves it) and the base model, the engine's logits match `PeftModel` with that
+adapter active, and greedy generations are identical token for token: each request alone, all
+interleaved in the same batches (DoRA, plain LoRA, embedding / lm_head LoRA and base requests
+together), and joining a running batch. Three bases: the tiny model in fp32 and in NF4, and its
+tied-embeddings variant (lm_head shares embed_tokens' weight) in fp32.
 """
 
 from __future__ import annotations
@@ -28,25 +30,58 @@ PROMPTS = [
 # 2**-8 = 3.9e-3); inputs that differ only by fp32 rounding order can land one bf16 step apart, so
 # the tolerance is one such step (observed <= 1.2e-3). DoRA adds one more bf16 rounding on our
 # side: its magnitude factor is computed from the layer as served (W·Aᵀ through the bf16 kernel),
-# PEFT's from the dequantized fp32 weights. Greedy tokens must be identical, except with NF4 at a
-# step where PEFT's own top two logits are closer than the tolerance (a tie at this precision);
-# the two sequences differ from there on, so the comparison stops at that step.
-TOLERANCE = {"none": 1e-4, "nf4": 4e-3}
+# PEFT's from the dequantized fp32 weights, so DoRA adapters get two steps (observed up to 4.5e-3,
+# varying from run to run in the fourth digit: the kernel's threaded sums). Greedy tokens must be
+# identical, except with NF4 at a step where PEFT's own top two logits are closer than the
+# tolerance (a tie at this precision); the sequences differ from there on, so the comparison stops.
+BF16_STEP = 2**-8
+TOLERANCE = {"none": 1e-4, "nf4": BF16_STEP, "nf4-dora": 2 * BF16_STEP}
 
 
-@pytest.fixture(scope="module", params=["none", "nf4"])
-def quantize(request):
+def tolerance(quantize: str, adapter: str | None) -> float:
+    dora = adapter is not None and adapter.startswith("dora-")
+    return TOLERANCE["nf4-dora" if quantize == "nf4" and dora else quantize]
+
+
+BASES = {"fp32": ("untied", "none"), "nf4": ("untied", "nf4"), "tied-fp32": ("tied", "none")}
+"""base id -> (embeddings, quantization)."""
+
+
+@pytest.fixture(scope="module", params=list(BASES))
+def base(request):
     return request.param
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tiny_adapter_dirs, tiny_dora_adapter_dirs):
-    return {**tiny_adapter_dirs, **tiny_dora_adapter_dirs}
+def quantize(base):
+    return BASES[base][1]
 
 
 @pytest.fixture(scope="module")
-def reference(quantize, tiny_model_dir, adapter_dirs):
-    """PEFT greedy tokens and logits for every (adapter or None, prompt index)."""
+def model_dir(base, request):
+    tied = BASES[base][0] == "tied"
+    return request.getfixturevalue("tiny_tied_model_dir" if tied else "tiny_model_dir")
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(base, request, tiny_adapter_dirs, tiny_dora_adapter_dirs):
+    """Plain LoRA and DoRA adapters (valid on either base: only shapes tie them to it), and the
+    embedding / lm_head adapters PEFT saved for this very base."""
+    if BASES[base][0] == "tied":
+        return {"all-r8": tiny_adapter_dirs["all-r8"],
+                "dora-all-r8": tiny_dora_adapter_dirs["dora-all-r8"],
+                **request.getfixturevalue("tied_vocab_adapter_dirs")}
+    return {**tiny_adapter_dirs, **tiny_dora_adapter_dirs,
+            **request.getfixturevalue("tiny_vocab_adapter_dirs")}
+
+
+@pytest.fixture(scope="module")
+def reference(quantize, model_dir, adapter_dirs):
+    """PEFT greedy tokens and logits for every (adapter or None, prompt index).
+
+    Each adapter gets a PeftModel of its own: PEFT 0.21 holding several adapters on a tied base
+    does not give a later ensure_weight_tying adapter its lm_head update once an earlier adapter
+    has wrapped lm_head (its logits then differ from the same adapter loaded alone)."""
     from peft import PeftModel
 
     kwargs = {"dtype": torch.float32, "device_map": {"": "cpu"}}
@@ -54,18 +89,16 @@ def reference(quantize, tiny_model_dir, adapter_dirs):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=["lm_head"])
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), **kwargs).eval()
     patch = pytest.MonkeyPatch()
-    if quantize == "nf4":
-        _dequantize_before_the_first_forward(base, patch)
-    names = list(adapter_dirs)
-    model = PeftModel.from_pretrained(base, str(adapter_dirs[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
-    results = {}
-    for adapter in [None] + names:
-        for index, prompt in enumerate(PROMPTS):
-            results[(adapter, index)] = _peft_greedy(model, adapter, prompt)
+    models = {}  # kept alive while the references run: the workaround keys layers by id()
+    for adapter in [None] + list(adapter_dirs):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
+        if quantize == "nf4":
+            _dequantize_before_the_first_forward(base, patch)
+        models[adapter] = base if adapter is None else PeftModel.from_pretrained(
+            base, str(adapter_dirs[adapter]))
+    results = {(adapter, index): _peft_greedy(model, prompt)
+               for adapter, model in models.items() for index, prompt in enumerate(PROMPTS)}
     patch.undo()
     return results
 
@@ -87,25 +120,20 @@ def _dequantize_before_the_first_forward(model, patch: pytest.MonkeyPatch) -> No
                   lambda module: weights[id(module)] if id(module) in weights else original(module))
 
 
-def _peft_greedy(model, adapter, prompt):
+def _peft_greedy(model, prompt):
     """Greedy decoding with a full forward per token: the plainest possible reference."""
     ids, rows = list(prompt), []
     with torch.inference_mode():
         for _ in range(NEW_TOKENS):
-            if adapter is None:
-                with model.disable_adapter():
-                    logits = model(torch.tensor([ids])).logits[0, -1]
-            else:
-                model.set_adapter(adapter)
-                logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(torch.tensor([ids])).logits[0, -1]
             rows.append(logits.float())
             ids.append(int(logits.argmax()))
     return ids[len(prompt):], rows
 
 
 @pytest.fixture(scope="module")
-def core(quantize, tiny_model_dir, adapter_dirs):
-    return make_core(tiny_model_dir, adapter_dirs, quantize=quantize, max_slots=4,
+def core(quantize, model_dir, adapter_dirs):
+    return make_core(model_dir, adapter_dirs, quantize=quantize, max_slots=4,
                      max_rank=64)
 
 
@@ -118,19 +146,20 @@ def _request_id(adapter, index):
     return f"{adapter or 'base'}/{index}"
 
 
-def _assert_matches(results, logits, reference, cases, tolerance):
+def _assert_matches(results, logits, reference, cases, quantize):
     for adapter, index in cases:
+        bound = tolerance(quantize, adapter)
         request_id = _request_id(adapter, index)
         want_tokens, want_rows = reference[(adapter, index)]
         got_tokens = results[request_id][0]
         assert len(got_tokens) == len(want_tokens), request_id
         for step, (got, want) in enumerate(zip(logits[request_id], want_rows)):
             error = float((got - want).abs().max() / want.abs().max())
-            assert error <= tolerance, f"{request_id} step {step}: relative error {error:.2e}"
+            assert error <= bound, f"{request_id} step {step}: relative error {error:.2e}"
             if got_tokens[step] != want_tokens[step]:
                 top2 = want.topk(2).values
                 margin = float((top2[0] - top2[1]) / want.abs().max())
-                assert tolerance == TOLERANCE["nf4"] and margin <= tolerance, (
+                assert quantize == "nf4" and margin <= bound, (
                     f"{request_id} step {step}: greedy token {got_tokens[step]} differs from "
                     f"PEFT's {want_tokens[step]} (PEFT's top-two margin {margin:.2e})")
                 break
@@ -150,7 +179,7 @@ def test_each_request_alone_matches_peft(core, reference, quantize, adapter_dirs
         request_id = _request_id(adapter, index)
         results = run_to_completion(core, {0: [(request_id, greedy_request(
             PROMPTS[index], adapter, NEW_TOKENS))]})
-        _assert_matches(results, logits, reference, [(adapter, index)], TOLERANCE[quantize])
+        _assert_matches(results, logits, reference, [(adapter, index)], quantize)
 
 
 def test_all_adapters_interleaved_in_one_batch_match_peft(core, reference, quantize,
@@ -160,7 +189,7 @@ def test_all_adapters_interleaved_in_one_batch_match_peft(core, reference, quant
     submissions = {0: [(_request_id(a, i), greedy_request(PROMPTS[i], a, NEW_TOKENS))
                        for a, i in cases]}
     results = run_to_completion(core, submissions)
-    _assert_matches(results, logits, reference, cases, TOLERANCE[quantize])
+    _assert_matches(results, logits, reference, cases, quantize)
 
 
 def test_requests_joining_a_running_batch_match_peft(core, reference, quantize,
@@ -173,4 +202,4 @@ def test_requests_joining_a_running_batch_match_peft(core, reference, quantize,
         submissions.setdefault(n % 4, []).append(
             (_request_id(adapter, index), greedy_request(PROMPTS[index], adapter, NEW_TOKENS)))
     results = run_to_completion(core, submissions)
-    _assert_matches(results, logits, reference, cases, TOLERANCE[quantize])
+    _assert_matches(results, logits, reference, cases, quantize)

@@ -154,3 +154,37 @@ def test_a_request_cancelled_while_its_adapter_loads_leaks_nothing(served):
 
     asyncio.run(scenario())
     assert [s.refs for s in registry.resident().values()] == [0]
+
+
+def test_an_embedding_and_lm_head_adapter_serves_from_the_registry(tiny_model_dir,
+                                                                   tiny_vocab_adapter_dirs,
+                                                                   tmp_path):
+    """Registered and leased like any adapter, it serves the tokens a resident copy serves; a
+    copy whose saved base embedding differs from the served one is refused, nothing stored."""
+    from adapters_registry.peft_format import AdapterFormatError
+
+    directory = tiny_vocab_adapter_dirs["embed-head-r16-rslora"]
+    config, weights = (directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes()
+    resident = make_core(tiny_model_dir, {"v": directory})
+    want = run_to_completion(resident, {0: [("r", greedy_request(PROMPT, "v", TOKENS))]})["r"][0]
+    base = run_to_completion(resident, {0: [("r", greedy_request(PROMPT, None, TOKENS))]})["r"][0]
+    assert want != base
+
+    core = make_core(tiny_model_dir, {}, max_slots=2)
+    store = AdapterStore(tmp_path / "store")
+    registry = AdapterRegistry(store, core.model.spec, max_rank=64, cache_bytes=2**24)
+    engine = Engine(core, registry)
+    try:
+        registry.register("v", config, weights)
+        result = asyncio.run(engine.generate(greedy_request(PROMPT, "v", TOKENS)))
+        assert result.token_ids == want
+        tensors = load_safetensors(weights)
+        key = "base_model.model.model.embed_tokens.base_layer.weight"
+        tensors[key] = tensors[key] * 2
+        with pytest.raises(AdapterFormatError, match="differs from the served model's"):
+            registry.register("other", config, save_safetensors(tensors))
+        assert "other" not in store
+    finally:
+        engine.close()
+        registry.close()
+        store.close()
