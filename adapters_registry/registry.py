@@ -70,7 +70,10 @@ class _Load:
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, spec: BaseModelSpec, *, max_rank: int,
                  cache_bytes: int, allowed_roots: Sequence[str | Path] = (),
-                 max_adapter_bytes: int | None = None, load_workers: int = 2):
+                 max_adapter_bytes: int | None = None, load_workers: int = 2,
+                 worker_init: Callable[[], None] | None = None):
+        """`worker_init` runs first on each load worker thread (the server makes them run torch
+        single-threaded: server/threads.py)."""
         self.store = store
         self.spec = spec
         self.max_rank = max_rank
@@ -81,7 +84,8 @@ class AdapterRegistry:
         self._loads: dict[AdapterKey, _Load] = {}
         self._pinned: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
-        self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load",
+                                            initializer=worker_init)
         self.loads = 0
         self.load_failures = 0
         # Called with the seconds each successful store -> RAM load took (metrics).

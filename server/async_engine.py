@@ -27,6 +27,7 @@ from adapters_registry.registry import AdapterLoadError, AdapterRegistry
 from adapters_registry.store import UnknownAdapterError
 from server.engine import EngineCore, GenerationRequest, Overloaded, RequestOutput, UnknownAdapter
 from server.sampler import InvalidRequest
+from server.threads import loop_threads
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class Engine:
     # ---- the loop thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        loop_threads(self.core.config.threads)
         while not self._stopping:
             self._drain_inbox()
             if not self.core.has_work():

@@ -223,12 +223,14 @@ def _load_core(args, resident: bool = True):
 def _open_registry(config: RegistryConfig, core, cache_dir: str | None):
     from adapters_registry.registry import AdapterRegistry
     from adapters_registry.store import AdapterStore
+    from server.threads import single_threaded
 
     store = AdapterStore(config.store_path(cache_dir), keep_versions=config.keep_versions)
     return AdapterRegistry(store, core.model.spec, max_rank=core.config.max_rank,
                            cache_bytes=int(config.adapter_cache_mb * 2**20),
                            allowed_roots=config.source_roots,
-                           max_adapter_bytes=int(config.max_adapter_mb * 2**20))
+                           max_adapter_bytes=int(config.max_adapter_mb * 2**20),
+                           worker_init=single_threaded)
 
 
 def _register_directory(registry, name: str, path: str) -> None:

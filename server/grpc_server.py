@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -32,6 +33,7 @@ from server.http_api import bound_port, create_app, start_http_server
 from server.metrics import Metrics
 from server.request_log import log_request
 from server.sampler import InvalidRequest, SamplingParams
+from server.threads import run_on_own_thread, single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,11 @@ async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     engine = http = None
-    loading = asyncio.ensure_future(asyncio.to_thread(load))
+    # Helper threads touch torch single-threaded and the model loads on a thread that ends, so
+    # the engine's loop thread holds the only OpenMP pool (server/threads.py).
+    loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="loraplex-io",
+                                                 initializer=single_threaded))
+    loading = asyncio.wrap_future(run_on_own_thread(load, "loraplex-load"))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
