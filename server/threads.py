@@ -34,9 +34,12 @@ def single_threaded() -> None:
     """This thread's OpenMP parallel regions run on this thread alone: it never holds a pool.
 
     OpenMP's per-thread setting, not torch.set_num_threads, which would also switch off ATen's
-    parallel loops in every thread (its thread count is process-wide)."""
+    parallel loops in every thread (its thread count is process-wide). ATen sets this thread's
+    OpenMP count from its own once, lazily, on the thread's first parallel call; asking it for the
+    count runs that first, so that 1 stays."""
     libgomp = _libgomp()
     if libgomp is not None:
+        torch.get_num_threads()  # ATen's per-thread lazy init, which would overwrite the 1
         libgomp.omp_set_num_threads(1)
 
 
