@@ -29,7 +29,8 @@ PROMETHEUS_BIN = Path(sys.prefix) / "opt" / "prometheus" / "usr" / "bin"
 
 def tool(name: str) -> str:
     path = PROMETHEUS_BIN / name
-    assert path.is_file(), f"{path} is missing: run ./dev setup (it unpacks Debian's prometheus)"
+    assert path.is_file(), (f"{path} is missing: run the suite with ./dev test "
+                            "(it unpacks Debian's prometheus)")
     return str(path)
 
 
