@@ -19,7 +19,8 @@ from adapters_registry.host_cache import AdapterKey, AdapterLease
 class AdapterSlots:
     def __init__(self, max_slots: int, load: Callable[[int, AdapterLease], None],
                  clear: Callable[[int], None]):
-        """`load(slot, lease)` writes an adapter version into a slot; `clear(slot)` zeroes it."""
+        """`load(slot, lease)` writes an adapter version into a slot, replacing all it held;
+        `clear(slot)` zeroes it."""
         self.max_slots = max_slots
         self._load = load
         self._clear = clear
@@ -46,7 +47,12 @@ class AdapterSlots:
             if slot is None:
                 return None
             start = time.perf_counter()
-            self._load(slot, lease)
+            try:
+                self._load(slot, lease)
+            except BaseException:
+                self._clear(slot)  # a partial write: the slot goes back empty
+                self._free.append(slot)
+                raise
             if self.write_observer is not None:
                 self.write_observer(time.perf_counter() - start)
             self.loads += 1
@@ -88,19 +94,21 @@ class AdapterSlots:
         return len(self._free) + len(self._idle)
 
     def _take_slot(self) -> int | None:
+        """A slot to write: a free one, else the least recently used idle one, evicted without
+        clearing (`load` replaces everything a slot holds; zeroing it first would double the cost
+        of a write, paid on the engine's step)."""
         if self._free:
             return self._free.pop()
         if self._idle:
-            key = next(iter(self._idle))
+            key, slot = self._idle.popitem(last=False)
+            del self.slot_of[key]
             self.evictions += 1
-            return self._drop(key, keep=True)
+            return slot
         return None
 
-    def _drop(self, key: AdapterKey, keep: bool = False) -> int:
-        """Removes `key` from its slot; the slot goes back to the free list unless `keep`."""
+    def _drop(self, key: AdapterKey) -> None:
+        """Removes `key` from its slot, which is cleared and goes back to the free list."""
         slot = self.slot_of.pop(key)
         self._idle.pop(key, None)
         self._clear(slot)
-        if not keep:
-            self._free.append(slot)
-        return slot
+        self._free.append(slot)
