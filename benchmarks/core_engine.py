@@ -420,11 +420,13 @@ def machine() -> dict[str, str]:
 
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                   if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        cpu = platform.processor() or "unknown"
-    return {"code": _code_version(), "CPU": cpu, "cores available": str(len(os.sched_getaffinity(0))),
+    except (OSError, subprocess.CalledProcessError):
+        lscpu = ""
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    cpu = fields.get("Model name", "").strip() or platform.processor() or "unknown"
+    l3 = fields.get("L3 cache", "").strip() or "unknown"
+    return {"code": _code_version(), "CPU": cpu, "L3 cache": l3,
+            "cores available": str(len(os.sched_getaffinity(0))),
             "torch threads": str(torch.get_num_threads()), "torch": torch.__version__,
             "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
