@@ -77,15 +77,20 @@ def _finish_reason(value: int) -> str | None:
 
 
 def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
-                     adapter: str | None, logprobs: bool,
+                     adapter: str | None, logprobs: bool, chat: bool = False,
                      **params) -> inference_pb2.GenerateRequest:
     """`params` are SamplingParams fields; only those not None are set, and `params` itself only
-    when one is, so the server's defaults apply to everything the caller left out."""
+    when one is, so the server's defaults apply to everything the caller left out. `chat`: the
+    prompt is sent as one user message, for the server to render with the model's chat
+    template."""
     if (prompt is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt and prompt_token_ids")
+    if chat and prompt is None:
+        raise ValueError("chat needs a prompt (text), not token ids")
+    messages = [inference_pb2.ChatMessage(role="user", content=prompt)] if chat else ()
     request = inference_pb2.GenerateRequest(
-        prompt=prompt or "", prompt_token_ids=prompt_token_ids or (), adapter_id=adapter or "",
-        return_logprobs=logprobs)
+        prompt="" if chat else prompt or "", prompt_token_ids=prompt_token_ids or (),
+        messages=messages, adapter_id=adapter or "", return_logprobs=logprobs)
     given = {key: value for key, value in params.items() if value is not None}
     if isinstance(given.get("stop"), str):
         given["stop"] = [given["stop"]]

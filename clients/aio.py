@@ -56,9 +56,9 @@ class AsyncLoraplexClient:
                        seed: int | None = None, stop: str | Sequence[str] | None = None,
                        stop_token_ids: Sequence[int] | None = None,
                        repetition_penalty: float | None = None, logprobs: bool = False,
-                       timeout: float | None = None) -> GenerateResult:
+                       chat: bool = False, timeout: float | None = None) -> GenerateResult:
         request = generate_request(
-            prompt, prompt_token_ids, adapter, logprobs, max_new_tokens=max_new_tokens,
+            prompt, prompt_token_ids, adapter, logprobs, chat, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty)
         with rpc_errors():
@@ -74,11 +74,11 @@ class AsyncLoraplexClient:
                stop: str | Sequence[str] | None = None,
                stop_token_ids: Sequence[int] | None = None,
                repetition_penalty: float | None = None, logprobs: bool = False,
-               timeout: float | None = None) -> AsyncIterator[StreamDelta]:
+               chat: bool = False, timeout: float | None = None) -> AsyncIterator[StreamDelta]:
         """`async for delta in client.stream(...)`; `aclose()` on it, or dropping it as leaving
         the loop early does, cancels the request."""
         request = generate_request(
-            prompt, prompt_token_ids, adapter, logprobs, max_new_tokens=max_new_tokens,
+            prompt, prompt_token_ids, adapter, logprobs, chat, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty)
         call = self._inference.GenerateStream(

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    sampling.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user message: the server renders it with "
+                               "the model's chat template")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON")
     name = argparse.ArgumentParser(add_help=False)
@@ -110,7 +113,7 @@ def _token(parser: argparse.ArgumentParser, path: str | None, *env: str) -> str 
 def _sampling(args) -> dict:
     return dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=args.stop)
+                seed=args.seed, stop=args.stop, chat=args.chat)
 
 
 def _generate(client: LoraplexClient, args) -> None:

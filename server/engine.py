@@ -53,8 +53,12 @@ class FinishReason:
 
 @dataclass
 class GenerationRequest:
+    """Exactly one of prompt, prompt_token_ids and messages ({"role", "content"} dicts, rendered
+    with the model's chat template)."""
+
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
     adapter_id: str | None = None  # None or "" = base model
     params: SamplingParams = field(default_factory=SamplingParams)
 
@@ -200,9 +204,12 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if (request.prompt is None) == (request.prompt_token_ids is None):
-            raise InvalidRequest("give exactly one of prompt and prompt_token_ids")
-        if request.prompt is not None:
+        given = [request.prompt, request.prompt_token_ids, request.messages]
+        if sum(part is not None for part in given) != 1:
+            raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages")
+        if request.messages is not None:
+            ids = render_chat(self.tokenizer, request.messages)
+        elif request.prompt is not None:
             ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         else:
             ids = list(request.prompt_token_ids)
@@ -330,13 +337,40 @@ def _max_model_len(model: LoadedModel, config: EngineConfig, kv: KVCache) -> int
     return min(limit, kv.num_blocks * kv.block_size)
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>")
+"""Chat models end a turn with one of these (ChatML, Llama 3, Gemma, Phi); a chat answer stops
+there even when the checkpoint's configs name only the document-level EOS."""
+
+
 def _eos_token_ids(model: LoadedModel) -> set[int]:
+    """The generation config's EOS ids, the tokenizer's EOS, and the tokenizer's end-of-turn
+    special tokens."""
     ids = set()
     generation = getattr(model.hf, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
     ids.add(model.tokenizer.eos_token_id)
+    special = set(model.tokenizer.all_special_tokens) | {
+        t.content for t in getattr(model.tokenizer, "added_tokens_decoder", {}).values()
+        if getattr(t, "special", False)}
+    ids.update(model.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in special)
     return {i for i in ids if i is not None}
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt token ids of a conversation in the model's chat template, ending with the prompt
+    of the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model's tokenizer has no chat template: send a prompt instead "
+                             "of messages")
+    if not messages:
+        raise InvalidRequest("messages is empty")
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)
+    except Exception as exc:  # jinja's errors, and the template's own raise_exception
+        raise InvalidRequest(f"the chat template refused the messages: {exc}") from None
+    return list(encoded["input_ids"])
 
 
 def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = None) -> EngineCore:

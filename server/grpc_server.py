@@ -101,8 +101,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationRequest:
     """Maps the wire message to the engine's request; proto3 defaults mean 'use the default'."""
-    if request.prompt and request.prompt_token_ids:
-        raise InvalidRequest("give exactly one of prompt and prompt_token_ids")
+    if sum(map(bool, (request.prompt, request.prompt_token_ids, request.messages))) > 1:
+        raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages")
     p = request.params
     defaults = SamplingParams()
     params = SamplingParams(
@@ -116,8 +116,10 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
         repetition_penalty=(p.repetition_penalty if p.HasField("repetition_penalty")
                             else defaults.repetition_penalty),
         logprobs=request.return_logprobs)
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
     return GenerationRequest(prompt=request.prompt or None,
                              prompt_token_ids=list(request.prompt_token_ids) or None,
+                             messages=messages or None,
                              adapter_id=request.adapter_id or None, params=params)
 
 

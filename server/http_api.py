@@ -36,9 +36,10 @@ from adapters_registry.store import InvalidNameError, UnknownAdapterError
 from server.async_engine import Engine
 from server.auth import Tokens
 from server.config import ConfigError
-from server.engine import FinishReason, GenerationRequest, RequestOutput, UnknownAdapter
+from server.engine import (FinishReason, GenerationRequest, RequestOutput, UnknownAdapter,
+                           render_chat)
 from server.grpc_errors import DOMAIN_ERRORS, status_of
-from server.sampler import SamplingParams
+from server.sampler import InvalidRequest, SamplingParams
 
 T = TypeVar("T")
 
@@ -305,12 +306,9 @@ def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
             content = "".join(part.text or "" for part in content)
         rendered.append({**m.model_dump(exclude_none=True), "content": content or ""})
     try:
-        encoded = tokenizer.apply_chat_template(rendered, add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
-    except Exception as exc:  # jinja's errors, and the template's own raise_exception
-        raise ApiError(400, f"the chat template refused the messages: {exc}",
-                       param="messages") from exc
-    return list(encoded["input_ids"])
+        return render_chat(tokenizer, rendered)
+    except InvalidRequest as exc:
+        raise ApiError(400, str(exc), param="messages") from None
 
 
 def _sampling(body: _Sampling, max_tokens: int, logprobs: bool) -> SamplingParams:

@@ -259,6 +259,15 @@ def test_generate_takes_exactly_one_of_prompt_and_token_ids(client, fake):
     assert len(fake.record.calls) == 1
 
 
+def test_chat_sends_the_prompt_as_one_user_message(client, fake):
+    client.generate("What is 2 + 2?", adapter="a1", chat=True)
+    request = fake.record.of("Generate")[0].request
+    assert request.prompt == "" and not request.prompt_token_ids
+    assert [(m.role, m.content) for m in request.messages] == [("user", "What is 2 + 2?")]
+    with pytest.raises(ValueError, match="chat needs a prompt"):
+        client.generate(prompt_token_ids=[1, 2], chat=True)
+
+
 def test_stream_yields_deltas_and_the_last_carries_finish_reason_and_usage(client, fake):
     deltas = list(client.stream("Hi", adapter="a2", max_new_tokens=3, logprobs=True))
 
@@ -534,6 +543,13 @@ def test_cli_generate_prints_the_text_and_sends_the_flags(fake):
     assert call.request.params.max_new_tokens == 4 and list(call.request.params.stop) == ["\n"]
     assert not call.request.params.HasField("top_p")
     assert call.metadata["authorization"] == "Bearer inf-token"
+
+
+def test_cli_chat_flag_sends_a_user_message(fake):
+    run = _cli(fake, "generate", "Hi there", "--chat")
+    assert run.returncode == 0, run.stderr
+    request = fake.record.of("Generate")[0].request
+    assert [(m.role, m.content) for m in request.messages] == [("user", "Hi there")]
 
 
 def test_cli_stream_prints_the_text_as_it_arrives(fake):

@@ -71,6 +71,19 @@ def test_text_prompt_and_logprobs(stub):
     assert len(reply.logprobs) == 3 and all(lp <= 0 for lp in reply.logprobs)
 
 
+def test_messages_are_rendered_with_the_chat_template(stub, core):
+    """A conversation in `messages` is the prompt the model's chat template makes of it."""
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = core.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+    chat = stub.Generate(pb.GenerateRequest(
+        messages=[pb.ChatMessage(**m) for m in conversation], adapter_id="all-r8",
+        params=pb.SamplingParams(max_new_tokens=5)))
+    plain = stub.Generate(_request(list(rendered), "all-r8", max_new_tokens=5))
+    assert chat.usage.prompt_tokens == len(rendered)
+    assert list(chat.token_ids) == list(plain.token_ids) and chat.text == plain.text
+
+
 def test_tokenize(stub):
     reply = stub.Tokenize(pb.TokenizeRequest(text="Hello", add_special_tokens=True))
     assert reply.token_ids[0] == 1 and len(reply.token_ids) > 1
@@ -80,6 +93,8 @@ def test_tokenize(stub):
     (pb.GenerateRequest(adapter_id="no-such-adapter", prompt="hi"), grpc.StatusCode.NOT_FOUND),
     (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="hi", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]),
+     grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt_token_ids=[10**6]), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(top_p=1.5)),
      grpc.StatusCode.INVALID_ARGUMENT),
