@@ -8,8 +8,11 @@ Every figure is counted from tensors, never estimated from a parameter count:
   twice);
 - loraplex's slot tables (`MultiLoraLinear` lora_a / lora_b / scale / lora_rank), reserved up
   front for max_slots adapters of max_rank, apart from the base;
-- one fully fine-tuned copy: what the checkpoint's safetensors files store (headers only, no
-  tensor is read), i.e. the base at its original precision;
+- one fully fine-tuned copy, two ways: served like the base (the same quantization: a copy
+  weighs what the base as served weighs), and in bfloat16 (how copies are usually served: two
+  bytes per checkpoint parameter); the checkpoint as stored is reported too (headers only, no
+  tensor is read). Comparing with copies as served shows the saving LoRA brings, apart from
+  the one quantization brings;
 - each adapter: the A and B tensors read from its file, in the file's dtype.
 
 Measured as loaded. bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks each 4-bit weight at
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,10 +57,11 @@ class CostReport:
 
     base_served_bytes: int
     quantization: str  # "nf4", "fp4", "int8" or "none"
-    full_copy_bytes: int
+    full_copy_bytes: int  # the checkpoint as stored
     full_copy_dtype: str  # "float32", "bfloat16", ... ("bfloat16+float32" when mixed)
     adapter_bytes: dict[str, int] = field(default_factory=dict)
     slot_table_bytes: int = 0  # 0 when the model is not wrapped for serving
+    full_copy_parameters: int = 0  # elements in the checkpoint
 
     def adapters_bytes(self, n: int) -> int:
         """Bytes of N adapters, cycling through `adapter_bytes` in order."""
@@ -75,8 +80,16 @@ class CostReport:
         return self.base_served_bytes + self.slot_table_bytes + self.adapters_bytes(n)
 
     def full_copies_bytes(self, n: int) -> int:
-        """N fully fine-tuned copies of the base at its original precision."""
+        """N fully fine-tuned copies of the base at its checkpoint's precision."""
         return n * self.full_copy_bytes
+
+    def served_copies_bytes(self, n: int) -> int:
+        """N fine-tuned copies served as the base is (the same quantization)."""
+        return n * self.base_served_bytes
+
+    def bf16_copies_bytes(self, n: int) -> int:
+        """N fine-tuned copies in bfloat16."""
+        return n * 2 * self.full_copy_parameters
 
     def ratio(self, n: int) -> float:
         """How many times more memory N full copies take than loraplex with N adapters."""
@@ -95,7 +108,8 @@ def cost_report(loaded_model, adapters: Mapping[str, LoraWeights],
                       quantization=loaded_model.quantize,
                       full_copy_bytes=full_bytes, full_copy_dtype=full_dtype,
                       adapter_bytes={name: w.nbytes for name, w in adapters.items()},
-                      slot_table_bytes=slot_table_bytes(loaded_model.hf))
+                      slot_table_bytes=slot_table_bytes(loaded_model.hf),
+                      full_copy_parameters=checkpoint_parameters(model_dir))
 
 
 def stored_cost(base: CostReport, registry) -> CostReport:
@@ -142,19 +156,81 @@ def full_precision_bytes(model_dir: str | Path) -> tuple[int, str]:
     return sum(by_dtype.values()), "+".join(names)
 
 
+@dataclass
+class BatchSharing:
+    """Decode throughput of the same requests served two ways on one engine (tokens/s)."""
+
+    adapters: int
+    requests: int  # in all
+    new_tokens: int  # per request
+    shared: float  # every request in one continuous batch, adapters mixed
+    one_adapter_at_a_time: float  # one batch per adapter, in turn: what N copies would do
+
+    def __str__(self) -> str:
+        return (f"throughput, {self.requests} requests x {self.new_tokens} new tokens over "
+                f"{self.adapters} adapters: {self.shared:.0f} tokens/s in one shared batch, "
+                f"{self.one_adapter_at_a_time:.0f} tokens/s one adapter's batch at a time (as "
+                f"{self.adapters} separate copies would take turns on this machine): "
+                f"{self.shared / self.one_adapter_at_a_time:.2f}x")
+
+
+def measure_batch_sharing(core, adapters: Sequence[str], requests_per_adapter: int,
+                          new_tokens: int = 32) -> BatchSharing:
+    """Runs `requests_per_adapter` greedy requests per adapter on `core` (an EngineCore with the
+    adapters resident), mixed in one batch, then grouped one adapter at a time; a short warm-up
+    first puts every adapter in a slot, so both runs time decoding only."""
+    from server.engine import GenerationRequest
+    from server.sampler import SamplingParams
+
+    prompt = core.tokenizer("Tell me about the sea, the wind and the boats.",
+                            add_special_tokens=False)["input_ids"]
+
+    def run(groups: list[list[str]], tokens: int) -> float:
+        started, produced = time.perf_counter(), 0
+        for group in groups:
+            for adapter in group:
+                params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+                core.add_request(GenerationRequest(prompt_token_ids=list(prompt),
+                                                   adapter_id=adapter, params=params))
+            while core.has_work():
+                produced += sum(len(out.new_token_ids) for out in core.step())
+        return produced / (time.perf_counter() - started)
+
+    run([list(adapters)], 2)
+    mixed = [a for _ in range(requests_per_adapter) for a in adapters]
+    grouped = [[a] * requests_per_adapter for a in adapters]
+    return BatchSharing(adapters=len(adapters), requests=len(mixed), new_tokens=new_tokens,
+                        shared=run([mixed], new_tokens),
+                        one_adapter_at_a_time=run(grouped, new_tokens))
+
+
+def checkpoint_parameters(model_dir: str | Path) -> int:
+    """Elements in the checkpoint's safetensors files, from their headers (tied weights once)."""
+    return sum(math.prod(entry["shape"]) for path in _checkpoint_files(Path(model_dir))
+               for name, entry in _safetensors_header(path).items() if name != "__metadata__")
+
+
 def format_table(report: CostReport, ns: Sequence[int] = (1, 10, 100, 1000)) -> str:
     """The report as aligned text: the parts, then one row per N."""
-    parts = [(f"base model as served ({report.quantization})", report.base_served_bytes),
+    served = report.quantization if report.quantization != "none" else "unquantized"
+    parts = [(f"base model as served ({served})", report.base_served_bytes),
              ("LoRA slot tables (reserved)", report.slot_table_bytes),
-             (f"one fully fine-tuned copy ({report.full_copy_dtype})", report.full_copy_bytes)]
+             (f"one fine-tuned copy as served ({served})", report.served_copies_bytes(1)),
+             ("one fine-tuned copy in bfloat16", report.bf16_copies_bytes(1)),
+             (f"checkpoint as stored ({report.full_copy_dtype})", report.full_copy_bytes)]
     parts += [(f"adapter {name}", size) for name, size in report.adapter_bytes.items()]
     label_width = max(len(label) for label, _ in parts)
     lines = [f"{label.ljust(label_width)}  {_human(size):>12}  ({size:,} bytes)"
              for label, size in parts]
     header = ("N adapters", "loraplex: base + slot tables + N adapters",
-              f"N fine-tuned copies ({report.full_copy_dtype})", "copies / loraplex")
-    body = [(f"{n:,}", _human(ours), _human(theirs), f"{ratio:.2f}x")
-            for n, ours, theirs, ratio in report.rows(ns)]
+              f"N copies ({served})", "N copies (bfloat16)", f"{served} copies / loraplex",
+              "bf16 copies / loraplex")
+    body = []
+    for n in ns:
+        ours, same, bf16 = (report.loraplex_bytes(n), report.served_copies_bytes(n),
+                            report.bf16_copies_bytes(n))
+        body.append((f"{n:,}", _human(ours), _human(same), _human(bf16), f"{same / ours:.2f}x",
+                     f"{bf16 / ours:.2f}x"))
     widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
     lines.append("")
     lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
@@ -176,20 +252,28 @@ def write_chart(report: CostReport, path: str | Path, max_adapters: int = 1000) 
     if max_adapters < 1:
         raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
     ns = sorted({round(10 ** (math.log10(max_adapters) * i / 199)) for i in range(200)})
+    served = report.quantization if report.quantization != "none" else "unquantized"
     ours = [report.loraplex_bytes(n) for n in ns]
-    theirs = [report.full_copies_bytes(n) for n in ns]
-    unit, scale = ("GiB", 2**30) if max(ours + theirs) >= 2**30 else ("MiB", 2**20)
+    same = [report.served_copies_bytes(n) for n in ns]
+    bf16 = [report.bf16_copies_bytes(n) for n in ns]
+    unit, scale = ("GiB", 2**30) if max(ours + same + bf16) >= 2**30 else ("MiB", 2**20)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     ax.plot(ns, [b / scale for b in ours], label=LORAPLEX_LINE, linewidth=2)
-    ax.plot(ns, [b / scale for b in theirs], label=FULL_COPIES_LINE, linewidth=2, linestyle="--")
+    ax.plot(ns, [b / scale for b in same], label=f"{FULL_COPIES_LINE} ({served}, as served)",
+            linewidth=2, linestyle="--")
+    ax.plot(ns, [b / scale for b in bf16], label=f"{FULL_COPIES_LINE} (bfloat16)", linewidth=2,
+            linestyle=":")
     ax.set_xscale("log")
     ax.set_yscale("log")  # both lines span decades; a linear axis hides the small-N end
     if max_adapters > 1:
         ax.set_xlim(1, max_adapters)
     ax.set_xlabel("number of adapters N (log scale)")
     ax.set_ylabel(f"memory ({unit}, log scale)")
-    ax.set_title(f"{report.quantization} base + N adapters vs N {report.full_copy_dtype} copies "
-                 f"(copies / loraplex at N={max_adapters:,}: {report.ratio(max_adapters):.1f}x)")
+    n = max_adapters
+    ax.set_title(f"{served} base + N adapters vs N fine-tuned copies; at N={n:,}: "
+                 f"{report.served_copies_bytes(n) / report.loraplex_bytes(n):.1f}x ({served}), "
+                 f"{report.bf16_copies_bytes(n) / report.loraplex_bytes(n):.1f}x (bf16)",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

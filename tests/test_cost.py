@@ -58,7 +58,8 @@ NORMS = 2 * HIDDEN * LAYERS + HIDDEN  # 2,304
 ROTARY_BUFFERS = 2 * (HEAD_DIM // 2) * 4  # inv_freq + original_inv_freq, fp32
 UNQUANTIZED_FP32 = (EMBED + LM_HEAD + NORMS) * 4  # 1,057,792
 
-FULL_COPY_BYTES = (LINEAR_WEIGHTS + EMBED + LM_HEAD + NORMS) * 4
+PARAMETERS = LINEAR_WEIGHTS + EMBED + LM_HEAD + NORMS  # 3,410,176
+FULL_COPY_BYTES = PARAMETERS * 4
 NF4_BLOCK = 64
 NF4_SERVED = (LINEAR_WEIGHTS // 2  # packed: 2 weights per byte
               + LINEAR_WEIGHTS // NF4_BLOCK * 4  # fp32 absmax per block
@@ -199,7 +200,11 @@ def test_ratio_at_100_is_full_copies_over_loraplex(nf4, adapters, demo):
     assert report.loraplex_bytes(100) == loraplex == 137_014_272
     assert report.full_copies_bytes(100) == 100 * FULL_COPY_BYTES == 1_364_070_400
     assert report.ratio(100) == 1_364_070_400 / 137_014_272
-    assert "9.96x" in format_table(report)  # the N = 100 row
+    # The table compares with copies served like the base (NF4) and with bf16 copies.
+    assert report.served_copies_bytes(100) == 100 * NF4_SERVED == 282_931_200
+    assert report.bf16_copies_bytes(100) == 100 * 2 * PARAMETERS == 682_035_200
+    table = format_table(report)
+    assert f"{282_931_200 / 137_014_272:.2f}x" in table and f"{682_035_200 / 137_014_272:.2f}x" in table
 
 
 def test_cost_command_prints_the_table_and_writes_a_png(demo_cache, tmp_path):
@@ -214,8 +219,10 @@ def test_cost_command_prints_the_table_and_writes_a_png(demo_cache, tmp_path):
     assert f"({NF4_SERVED:,} bytes)" in done.stdout
     assert f"({slot_tables:,} bytes)" in done.stdout
     assert f"({FULL_COPY_BYTES:,} bytes)" in done.stdout
-    ratio_100 = 100 * FULL_COPY_BYTES / (NF4_SERVED + slot_tables + 20 * 6_709_248)
-    assert f"{ratio_100:.2f}x" in done.stdout  # 4.60x
+    loraplex_100 = NF4_SERVED + slot_tables + 20 * 6_709_248
+    assert f"{100 * NF4_SERVED / loraplex_100:.2f}x" in done.stdout  # 0.95x: the slot tables
+    assert f"{100 * 2 * PARAMETERS / loraplex_100:.2f}x" in done.stdout  # 2.30x
+    assert f"({2 * PARAMETERS:,} bytes)" in done.stdout  # one bf16 copy
     assert f"chart: {png}" in done.stdout
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
