@@ -143,6 +143,7 @@ def run_crash(args, tmp: Path) -> tuple[dict, bool]:
 
     cache = tmp / "demo-cache"
     build_demo(cache, progress=None)
+    os.environ["LORAPLEX_DEMO"] = "tiny"  # the servers it starts serve that demo
     (tmp / "crash").mkdir()
     report = run_crash_rounds(cache, tmp / "crash", args.crash_rounds, seed=args.seed)
     figures = asdict(report)

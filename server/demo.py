@@ -299,7 +299,7 @@ def build_demo(cache_dir: str | os.PathLike | None = None, progress: Progress | 
         if progress:
             progress(f"building demo model and adapters in {final}")
         _write_demo(tmp, final, progress)
-        _publish(tmp, final)
+        publish_build(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _read_demo(final)
@@ -322,7 +322,7 @@ def _write_demo(tmp: Path, final: Path, progress: Progress | None) -> None:
     _write_json(tmp / _DEMO_MANIFEST, manifest)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_build(tmp: Path, final: Path) -> None:
     """Rename the complete build `tmp` to `final`; a complete `final` from a concurrent build wins."""
     if final.exists() and not (final / _DEMO_MANIFEST).is_file():
         shutil.rmtree(final)

@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers and commands started without --model serve the tiny random-weight demo (fast); the
+# tests of the real SmolLM2 demo ask for it with --demo smollm2.
+os.environ.setdefault("LORAPLEX_DEMO", "tiny")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -150,3 +153,13 @@ def tiny_vocab_adapter_dirs(tmp_path_factory, tiny_model_dir):
 def tied_vocab_adapter_dirs(tmp_path_factory, tiny_tied_model_dir):
     return _write_adapters(tmp_path_factory.mktemp("tied-vocab-adapters"), tiny_tied_model_dir,
                            {**TINY_VOCAB_ADAPTERS, **TIED_VOCAB_ADAPTERS})
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A LORAPLEX_CACHE_DIR with the real demo model (SmolLM2-135M-Instruct) converted."""
+    from server.smollm2_demo import build_smollm2_demo
+
+    root = tmp_path_factory.mktemp("loraplex-smollm2-cache")
+    build_smollm2_demo(root, progress=None)
+    return root
