@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         steps = args.max_steps or task.steps
         examples = training_examples(task, answers, args.seed)
+        if not examples:
+            print(f"[{task.name}] error: none of the base model's {len(answers)} answers fits "
+                  f"the task's rule, so there is nothing to train on", file=sys.stderr)
+            return 1
         print(f"[{task.name}] {len(examples)} examples, {steps} steps, {task.lora}", flush=True)
         train_adapter(model_dir, task, examples, args.out / task.name, steps=steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed)
