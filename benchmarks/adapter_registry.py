@@ -39,7 +39,7 @@ from safetensors.torch import load as load_safetensors  # noqa: E402
 from safetensors.torch import save as save_safetensors  # noqa: E402
 
 from benchmarks.core_engine import THREADS, Log, build_assets, machine  # noqa: E402
-from server.demo import default_cache_dir  # noqa: E402
+from server.tools.demo import default_cache_dir  # noqa: E402
 
 COUNT = 100
 WARMUPS = 3
@@ -51,7 +51,7 @@ DEFAULT_OUT = Path("benchmarks/reports/adapter_registry.md")
 def load_core(model_dir: Path):
     """The engine core with the server's default slot tables; its slots are the device tier."""
     from server.config import EngineConfig
-    from server.engine import load_engine_core
+    from server.engine.core import load_engine_core
 
     config = EngineConfig(model=model_dir, quantize="nf4", device="cpu", threads=THREADS,
                           kv_cache_mb=64)

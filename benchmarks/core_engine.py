@@ -43,8 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from server.demo import ALL_LINEAR_MODULES, SMOLLM2_135M_SHAPE, default_cache_dir  # noqa: E402
-from server.demo import write_llama_model, write_lora_adapter  # noqa: E402
+from server.tools.demo import ALL_LINEAR_MODULES, SMOLLM2_135M_SHAPE, default_cache_dir  # noqa: E402
+from server.tools.demo import write_llama_model, write_lora_adapter  # noqa: E402
 
 THREADS = 2
 NUM_PROMPTS = 32
@@ -177,7 +177,7 @@ def load_peft(model_dir: Path, adapters: dict[str, Path]):
 def load_core(model_dir: Path, adapters: dict[str, Path], lora_dtype: str,
               max_slots: int = NUM_PROMPTS):
     from server.config import EngineConfig
-    from server.engine import load_engine_core
+    from server.engine.core import load_engine_core
 
     config = EngineConfig(model=model_dir, quantize="nf4", device="cpu", threads=THREADS,
                           max_slots=max_slots, max_rank=RANK, lora_dtype=lora_dtype,
@@ -200,8 +200,8 @@ def generate_hf(model, prompts: torch.Tensor, new_tokens: int,
 def generate_loraplex(core, prompts: torch.Tensor, new_tokens: int,
                       adapter_ids: list[str | None]) -> list[list[int]]:
     """(c) and (d): submit every request, then step the engine until it is idle."""
-    from server.engine import GenerationRequest
-    from server.sampler import SamplingParams
+    from server.engine.core import GenerationRequest
+    from server.engine.sampler import SamplingParams
 
     ids = [core.add_request(GenerationRequest(
                prompt_token_ids=row, adapter_id=adapter,
@@ -322,27 +322,27 @@ def _section_targets(lm_head: torch.nn.Module) -> list[tuple[str, object, str]]:
     import peft.tuners.lora.bnb as peft_bnb
     from transformers.models.llama import modeling_llama
 
-    import server.engine
-    import server.lora_layer
-    import server.model_step
-    import server.scheduler
+    import server.engine.core
+    import server.lora.layer
+    import server.model.step
+    import server.engine.scheduler
 
     model_rest = "model rest: embeddings, norms, MLP act, residuals"
     return [
         ("base NF4 linears (bnb Linear4bit)", bnb.nn.Linear4bit, "forward"),
-        ("LoRA op (loraplex lora_apply)", server.lora_layer, "lora_apply"),
-        ("LoRA slot mapping (SlotMapping.build, once per step)", server.lora_layer.LoraContext,
+        ("LoRA op (loraplex lora_apply)", server.lora.layer, "lora_apply"),
+        ("LoRA slot mapping (SlotMapping.build, once per step)", server.lora.layer.LoraContext,
          "set_step"),
         ("LoRA (PEFT mixed-batch layers)", peft_bnb.Linear4bit, "forward"),
-        ("attention (without q/k/v/o projections)", server.model_step.ModelRunner, "_attention"),
+        ("attention (without q/k/v/o projections)", server.model.step.ModelRunner, "_attention"),
         ("attention (without q/k/v/o projections)", modeling_llama.LlamaAttention, "forward"),
         ("lm_head", lm_head, "forward"),
-        (model_rest, server.model_step.ModelRunner, "forward"),
+        (model_rest, server.model.step.ModelRunner, "forward"),
         (model_rest, modeling_llama.LlamaForCausalLM, "forward"),
-        ("step inputs (packing, indices, masks)", server.engine, "build_step_inputs"),
-        ("scheduler", server.scheduler.Scheduler, "schedule"),
-        ("sampling", server.engine, "sample"),
-        ("engine step rest (python)", server.engine.EngineCore, "step"),
+        ("step inputs (packing, indices, masks)", server.engine.core, "build_step_inputs"),
+        ("scheduler", server.engine.scheduler.Scheduler, "schedule"),
+        ("sampling", server.engine.core, "sample"),
+        ("engine step rest (python)", server.engine.core.EngineCore, "step"),
     ]
 
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.core_engine import (NEW_TOKENS, NUM_PROMPTS, THREADS, WARMUP_TOKENS, Config, Log,
                                     build_assets, generate_loraplex, load_core, machine,
                                     make_prompts, run_config)
-from server.demo import default_cache_dir
+from server.tools.demo import default_cache_dir
 
 DORA_SHARE = 16  # of the 32 sequences
 TARGET = 0.75

@@ -13,7 +13,7 @@ Candidates:
 - slot_loop:    for each active slot, index_select its rows, two matmuls, index_add_.
 - dense_masked: x @ (active slots' A stacked) for every token, mask to its own slot, then one
                 matmul against the active slots' B stacked ([K*R, out]).
-- torch:        server.lora_op.lora_apply with LORAPLEX_LORA_KERNEL=torch (segments for heavy
+- torch:        server.lora.op.lora_apply with LORAPLEX_LORA_KERNEL=torch (segments for heavy
                 slots, padded bmm over a table view otherwise).
 - cpp:          lora_apply with LORAPLEX_LORA_KERNEL=cpp: the C++ kernel (server/csrc/lora_cpu.cpp)
                 for every slot.
@@ -37,8 +37,8 @@ from typing import Callable
 
 import torch
 
-from server import lora_cpu_kernel, lora_op
-from server.lora_op import SlotMapping, lora_apply, lora_reference
+from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
+from server.lora.op import SlotMapping, lora_apply, lora_reference
 
 NA = "n/a"
 

@@ -55,7 +55,7 @@ from benchmarks.serving_runner import (QueueSampler, RequestResult, ServingServe
                                        load_seconds, run_open_loop)
 from benchmarks.traces import (BATCH_MODES, TraceRequest, batch_adapters, batch_counts,
                                make_trace)
-from server.demo import default_cache_dir
+from server.tools.demo import default_cache_dir
 
 SATURATING_RATE = 100.0  # requests/s: the whole trace arrives at once, the server is the limit
 STORE_VERSION = "v1"

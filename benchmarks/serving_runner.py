@@ -55,7 +55,7 @@ def build_store(store_dir: Path, model_dir: Path, count: int, log) -> None:
     if marker.is_file() and int(marker.read_text()) >= count:
         return
     from adapters_registry.store import AdapterStore
-    from server.demo import ALL_LINEAR_MODULES, write_lora_adapter
+    from server.tools.demo import ALL_LINEAR_MODULES, write_lora_adapter
 
     store = AdapterStore(store_dir)
     try:

@@ -72,7 +72,7 @@ def main() -> int:
 
 def tiny_assets(tmp: Path) -> tuple[Path, dict[str, Path]]:
     """The test suite's tiny model and adapters (tests/conftest.py), built once."""
-    from server.demo import write_llama_model, write_lora_adapter
+    from server.tools.demo import write_llama_model, write_lora_adapter
 
     model = tmp / "tiny-llama"
     adapters = {name: tmp / "tiny-adapters" / name for name in TINY_ADAPTERS}
@@ -138,7 +138,7 @@ def run_leaks(args, tmp: Path) -> tuple[dict, bool]:
 
 
 def run_crash(args, tmp: Path) -> tuple[dict, bool]:
-    from server.demo import build_demo
+    from server.tools.demo import build_demo
     from tests.test_crash_recovery_e2e import run_crash_rounds
 
     cache = tmp / "demo-cache"

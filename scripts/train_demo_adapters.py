@@ -1,10 +1,10 @@
-"""Train the demo adapters (server/demo_adapters/) QLoRA-style on SmolLM2-135M-Instruct.
+"""Train the demo adapters (server/tools/demo_adapters/) QLoRA-style on SmolLM2-135M-Instruct.
 
-    .venv/bin/python scripts/train_demo_adapters.py            # all tasks, into server/demo_adapters
+    .venv/bin/python scripts/train_demo_adapters.py            # all tasks, into server/tools/demo_adapters
     .venv/bin/python scripts/train_demo_adapters.py --tasks sql --max-steps 5 --out /tmp/a
 
 The base is frozen and quantized NF4 by bitsandbytes (fp32 compute); LoRA (or DoRA) is trained
-on top with PEFT. Data comes from server/demo_tasks.py: the base model's own greedy answers to
+on top with PEFT. Data comes from server/tools/demo_tasks.py: the base model's own greedy answers to
 templated questions, transformed by each task's rule, and templated SQL. The base answers are
 made once by the unquantized base and kept in --work-dir. Seeded: the same seed, threads and
 library versions give the same adapters. Files are saved in bfloat16 (PEFT's layout).
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from server.demo_tasks import TASKS, Example, Task, prose_questions, training_examples  # noqa: E402
+from server.tools.demo_tasks import TASKS, Example, Task, prose_questions, training_examples  # noqa: E402
 
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """What adapter_config.json names as the base (the model the demo converts from GGUF)."""
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None,
                         help="base model directory (default: the real demo model, converted once)")
-    parser.add_argument("--out", type=Path, default=root / "server" / "demo_adapters")
+    parser.add_argument("--out", type=Path, default=root / "server" / "tools" / "demo_adapters")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-train"),
                         help="where the base model's answers are kept between runs")
     parser.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=None)
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo_model_dir() -> Path:
-    from server.smollm2_demo import build_smollm2_demo
+    from server.tools.smollm2_demo import build_smollm2_demo
 
     return build_smollm2_demo(progress=print).model_dir
 

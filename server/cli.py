@@ -125,10 +125,10 @@ def _add_demo_flag(parser: argparse.ArgumentParser) -> None:
 def _demo_assets(args):
     """The demo chosen by --demo, built into the cache on first use."""
     if args.demo == "tiny":
-        from server.demo import build_demo
+        from server.tools.demo import build_demo
 
         return build_demo(args.cache_dir, progress=_progress)
-    from server.smollm2_demo import build_smollm2_demo
+    from server.tools.smollm2_demo import build_smollm2_demo
 
     return build_smollm2_demo(args.cache_dir, progress=_progress)
 
@@ -152,8 +152,8 @@ def _run_demo(args) -> None:
 
 
 def _run_generate(args) -> None:
-    from server.engine import GenerationRequest
-    from server.sampler import SamplingParams
+    from server.engine.core import GenerationRequest
+    from server.engine.sampler import SamplingParams
 
     core, _ = _load_core(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -171,7 +171,7 @@ def _run_generate(args) -> None:
 
 
 def _run_serve(args) -> None:
-    from server.grpc_server import serve
+    from server.api.grpc_server import serve
 
     registry_config = from_arguments(args, RegistryConfig)
     server_config = from_arguments(args, ServerConfig)
@@ -199,8 +199,8 @@ def _run_cost(args) -> None:
     """Loads the engine on CPU as `serve` would (quantized base, slot tables reserved, the
     adapters resident), prints the table, writes the chart, and measures what sharing a batch
     is worth."""
-    from server.cost import cost_report, format_table, measure_batch_sharing, write_chart
-    from server.engine import load_engine_core
+    from server.tools.cost import cost_report, format_table, measure_batch_sharing, write_chart
+    from server.engine.core import load_engine_core
 
     config = from_arguments(args, EngineConfig)
     if args.max_adapters < 1:
@@ -230,7 +230,7 @@ def _load_core(args, resident: bool = True):
     resident: the core holds the adapters itself (one-off `generate`); else the caller registers
     them.
     """
-    from server.engine import load_engine_core
+    from server.engine.core import load_engine_core
 
     config = from_arguments(args, EngineConfig)
     adapters = _with_demo(args, config)
@@ -247,7 +247,7 @@ def _load_core(args, resident: bool = True):
 def _open_registry(config: RegistryConfig, core, cache_dir: str | None):
     from adapters_registry.registry import AdapterRegistry
     from adapters_registry.store import AdapterStore
-    from server.threads import single_threaded
+    from server.engine.threads import single_threaded
 
     store = AdapterStore(config.store_path(cache_dir), keep_versions=config.keep_versions)
     return AdapterRegistry(store, core.model.spec, max_rank=core.config.max_rank,
@@ -288,7 +288,7 @@ def _configure_logging(log_format: str) -> None:
     the level."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        from server.request_log import JsonFormatter
+        from server.api.request_log import JsonFormatter
 
         handler.setFormatter(JsonFormatter())
     else:
@@ -312,10 +312,10 @@ def _quiet_libraries() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from adapters_registry.peft_format import AdapterFormatError
     from adapters_registry.store import StoreError
-    from server.engine import UnknownAdapter
-    from server.model import ModelLoadError
-    from server.sampler import InvalidRequest
-    from server.smollm2_demo import DemoPackageError
+    from server.engine.core import UnknownAdapter
+    from server.model.loading import ModelLoadError
+    from server.engine.sampler import InvalidRequest
+    from server.tools.smollm2_demo import DemoPackageError
 
     return (ConfigError, ModelLoadError, AdapterFormatError, InvalidRequest, UnknownAdapter,
             StoreError, DemoPackageError)

@@ -13,7 +13,7 @@ os.environ.setdefault("LORAPLEX_DEMO", "tiny")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from server.demo import write_llama_model, write_lora_adapter  # noqa: E402
+from server.tools.demo import write_llama_model, write_lora_adapter  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -52,7 +52,7 @@ def tiny_adapter_dirs(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):
     """A LORAPLEX_CACHE_DIR with the demo model and adapters built, for server processes."""
-    from server.demo import build_demo
+    from server.tools.demo import build_demo
 
     root = tmp_path_factory.mktemp("loraplex-cache")
     build_demo(root, progress=None)
@@ -158,7 +158,7 @@ def tied_vocab_adapter_dirs(tmp_path_factory, tiny_tied_model_dir):
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """A LORAPLEX_CACHE_DIR with the real demo model (SmolLM2-135M-Instruct) converted."""
-    from server.smollm2_demo import build_smollm2_demo
+    from server.tools.smollm2_demo import build_smollm2_demo
 
     root = tmp_path_factory.mktemp("loraplex-smollm2-cache")
     build_smollm2_demo(root, progress=None)

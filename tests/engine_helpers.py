@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from server.config import EngineConfig
-from server.engine import EngineCore, GenerationRequest, load_engine_core
-from server.sampler import SamplingParams
+from server.engine.core import EngineCore, GenerationRequest, load_engine_core
+from server.engine.sampler import SamplingParams
 
 
 def make_core(model_dir, adapter_dirs, *, quantize="none", **overrides) -> EngineCore:

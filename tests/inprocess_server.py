@@ -9,13 +9,13 @@ from contextlib import contextmanager
 
 import grpc
 
-from server.grpc_server import RunningServer, create_server
+from server.api.grpc_server import RunningServer, create_server
 
 
 @contextmanager
 def serving(core, registry=None, **options) -> Iterator[tuple[grpc.Channel, RunningServer]]:
     """A channel to a started, SERVING server around `core`; stopped (and its engine closed) on
-    exit. `options` go to server.grpc_server.create_server (tokens=..., credentials=...)."""
+    exit. `options` go to server.api.grpc_server.create_server (tokens=..., credentials=...)."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     state = {}

@@ -2,7 +2,7 @@
 
 Every test drives the registry step by step and states the whole content of every tier after
 each step: the store as {name: current version}, host RAM and the device slots as
-{"name@version": state}. The device tier is the engine's real slot table (server.adapter_slots)
+{"name@version": state}. The device tier is the engine's real slot table (server.engine.adapter_slots)
 with recording callbacks in place of tensor copies.
 """
 
@@ -21,7 +21,7 @@ from adapters_registry.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterForm
 from adapters_registry.registry import (AdapterCacheFullError, AdapterLoadError, AdapterRegistry,
                                         adapter_key)
 from adapters_registry.store import AdapterStore, InvalidNameError, UnknownAdapterError
-from server.adapter_slots import AdapterSlots
+from server.engine.adapter_slots import AdapterSlots
 from tests.test_adapter_store import tree_digest
 from tests.test_adapter_validation import BASE, CORPUS, assert_rejection, load_base
 
@@ -30,7 +30,7 @@ WAIT = 30  # seconds a test waits for a load before failing
 
 @pytest.fixture(scope="module")
 def spec(tiny_model_dir):
-    from server.model import model_spec
+    from server.model.loading import model_spec
 
     return model_spec(load_base(tiny_model_dir))
 

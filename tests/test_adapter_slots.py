@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapters_registry.host_cache import AdapterKey, AdapterLease
-from server.adapter_slots import AdapterSlots
+from server.engine.adapter_slots import AdapterSlots
 from tests.engine_helpers import make_core
 
 

@@ -46,7 +46,7 @@ def load_base(model_dir):
 
 @pytest.fixture(scope="module")
 def spec(tiny_model_dir):
-    from server.model import model_spec
+    from server.model.loading import model_spec
 
     return model_spec(load_base(tiny_model_dir))
 
@@ -608,7 +608,7 @@ def test_embedding_and_lm_head_adapters_match_peft(spec, tiny_model_dir, tiny_vo
 def test_tied_embedding_adapter_brings_its_lm_head(tiny_tied_model_dir, tied_vocab_adapter_dirs):
     """On a tied base, ensure_weight_tying makes PEFT save lm_head tensors that its config does
     not list: they are served (PEFT serves them), and on an untied base they are refused."""
-    from server.model import model_spec
+    from server.model.loading import model_spec
 
     directory = tied_vocab_adapter_dirs["tied-embed-head-r8"]
     tied = model_spec(load_base(tiny_tied_model_dir))

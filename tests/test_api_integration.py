@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from clients import LoraplexClient, LoraplexError
-from server.demo import ALL_LINEAR_MODULES, build_demo, write_lora_adapter
+from server.tools.demo import ALL_LINEAR_MODULES, build_demo, write_lora_adapter
 from tests.server_process import start_server
 
 ADMIN_TOKEN = "admin-token-for-tests"
@@ -69,7 +69,7 @@ def test_generate_equals_the_engine_for_adapters_interleaved_concurrently(client
     """Greedy tokens through the API, 12 requests over 4 adapters and the base at once, equal
     those of an EngineCore driven directly on the same model and adapters."""
     from server.config import EngineConfig
-    from server.engine import load_engine_core
+    from server.engine.core import load_engine_core
     from tests.engine_helpers import greedy_request, run_to_completion
 
     assets = build_demo(demo_cache, progress=None)

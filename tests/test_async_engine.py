@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from adapters_registry.peft_format import read_peft_adapter
-from server.async_engine import Engine
-from server.engine import UnknownAdapter
+from server.engine.async_engine import Engine
+from server.engine.core import UnknownAdapter
 from tests.engine_helpers import greedy_request, make_core, run_to_completion
 
 REQUESTS = [([1, 20, 21, 22], None), ([1, 5, 6], "attn-r4"), ([1] + list(range(40, 70)), "all-r8"),

@@ -1,6 +1,6 @@
 """The cost explainer: every figure it reports equals the arithmetic done by hand.
 
-The demo model (server.demo.DEMO_MODEL_SHAPE, float32 checkpoint, lm_head NOT tied):
+The demo model (server.tools.demo.DEMO_MODEL_SHAPE, float32 checkpoint, lm_head NOT tied):
   hidden 256, MLP 768, 4 layers, 4 heads, 2 KV heads -> head_dim 64, KV width 128, vocab 512
   (the demo tokenizer's size: embedding and lm_head have one row per token).
 
@@ -35,12 +35,12 @@ import pytest
 import torch
 
 from adapters_registry.peft_format import read_peft_adapter
-from server.cost import (CostReport, cost_report, format_table, full_precision_bytes,
+from server.tools.cost import (CostReport, cost_report, format_table, full_precision_bytes,
                          model_bytes_as_served, slot_table_bytes)
-from server.demo import (DEMO_ADAPTERS, DEMO_MODEL_SHAPE, MLP_MODULES, build_demo,
+from server.tools.demo import (DEMO_ADAPTERS, DEMO_MODEL_SHAPE, MLP_MODULES, build_demo,
                          write_llama_model)
-from server.lora_layer import LoraContext, wrap_lora_targets
-from server.model import load_model
+from server.lora.layer import LoraContext, wrap_lora_targets
+from server.model.loading import load_model
 from tests.conftest import TINY_SHAPE
 
 HIDDEN, MLP, LAYERS = 256, 768, 4

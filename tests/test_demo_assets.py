@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from server import demo
+from server.tools import demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SHAPE = dict(

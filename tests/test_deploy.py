@@ -454,7 +454,7 @@ def wait_until(condition, what: str, limit: float = 120.0):
 
 @pytest.fixture(scope="module")
 def demo_adapter_dirs(demo_cache) -> dict[str, Path]:
-    from server.demo import build_demo
+    from server.tools.demo import build_demo
 
     return build_demo(demo_cache, progress=None).adapters
 

@@ -7,8 +7,8 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from adapters_registry.peft_format import read_peft_adapter
-from server.engine import GenerationRequest, UnknownAdapter
-from server.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
+from server.engine.core import GenerationRequest, UnknownAdapter
+from server.engine.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
 from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
 
 PROMPT = [1, 72, 101, 108, 108, 111, 32, 119]

@@ -49,8 +49,8 @@ from loraplex.v1 import admin_pb2 as apb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.auth import Tokens
-from server.sampler import MAX_TEMPERATURE, MIN_TEMPERATURE, PENALTY_RANGE
+from server.api.auth import Tokens
+from server.engine.sampler import MAX_TEMPERATURE, MIN_TEMPERATURE, PENALTY_RANGE
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
 

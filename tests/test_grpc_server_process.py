@@ -16,7 +16,7 @@ from clients import LoraplexClient, LoraplexError
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
 from server.config import ServerConfig
-from server.grpc_server import serve
+from server.api.grpc_server import serve
 from tests.certificates import write_certificates
 from tests.server_process import start_server
 
@@ -115,12 +115,12 @@ async def _bound_port(task: asyncio.Task) -> int:
                     found.set_result, int(message.split(":")[1].split(";")[0]))
 
     handler = Catch()
-    logging.getLogger("server.grpc_server").addHandler(handler)
-    logging.getLogger("server.grpc_server").setLevel(logging.INFO)
+    logging.getLogger("server.api.grpc_server").addHandler(handler)
+    logging.getLogger("server.api.grpc_server").setLevel(logging.INFO)
     try:
         return await asyncio.wait_for(found, 30)
     finally:
-        logging.getLogger("server.grpc_server").removeHandler(handler)
+        logging.getLogger("server.api.grpc_server").removeHandler(handler)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(demo_cache):

@@ -22,11 +22,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from transformers import AutoTokenizer
 
 from clients import LoraplexClient
-from server.auth import Tokens
+from server.api.auth import Tokens
 from server.config import ConfigError
-from server.demo import build_demo
-from server.grpc_server import Backend
-from server.http_api import bound_port, create_app, start_http_server
+from server.tools.demo import build_demo
+from server.api.grpc_server import Backend
+from server.api.http_api import bound_port, create_app, start_http_server
 from tests.certificates import write_certificates
 from tests.server_process import start_server
 

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 
-from server import lora_cpu_kernel, lora_op
-from server.lora_layer import LoraContext, MultiLoraLinear
-from server.lora_op import SlotMapping, lora_apply, lora_reference
+from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
+from server.lora.layer import LoraContext, MultiLoraLinear
+from server.lora.op import SlotMapping, lora_apply, lora_reference
 
 S = 8
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server import lora_op
-from server.lora_op import SlotMapping, lora_apply, lora_reference
+from server.lora import op as lora_op
+from server.lora.op import SlotMapping, lora_apply, lora_reference
 
 S = 8  # slot table size used by these tests
 

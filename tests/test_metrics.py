@@ -19,7 +19,7 @@ from adapters_registry.registry import AdapterRegistry
 from adapters_registry.store import AdapterStore
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
+from server.api.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
 from tests.server_process import start_server

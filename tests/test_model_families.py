@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-from server.demo import write_lora_adapter, write_tokenizer
+from server.tools.demo import write_lora_adapter, write_tokenizer
 from tests.conftest import write_dora_adapter
 from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
 

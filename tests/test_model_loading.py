@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adapters_registry.spec import module_path
-from server.demo import write_llama_model
-from server.model import ModelLoadError, load_model
+from server.tools.demo import write_llama_model
+from server.model.loading import ModelLoadError, load_model
 from tests.conftest import TINY_SHAPE
 from tests.engine_helpers import greedy_request, make_core, run_to_completion
 
@@ -37,7 +37,7 @@ def test_other_quantizations_serve_adapters(tiny_model_dir, tiny_adapter_dirs, q
 def test_a_layer_4bit_cannot_take_stays_unquantized_with_a_warning(tmp_path, caplog):
     # intermediate 96: down_proj's in_features is not a multiple of 64.
     write_llama_model(tmp_path, **{**TINY_SHAPE, "intermediate_size": 96}, seed=1)
-    with caplog.at_level(logging.WARNING, logger="server.model"):
+    with caplog.at_level(logging.WARNING, logger="server.model.loading"):
         model = load_model(tmp_path, quantize="nf4", device="cpu")
     assert "down_proj (96 -> 128) is left unquantized" in caplog.text
     assert type(model.hf.get_submodule(module_path(0, "down_proj"))) is torch.nn.Linear

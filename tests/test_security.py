@@ -30,7 +30,7 @@ from loraplex.v1 import admin_pb2 as apb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.auth import Tokens, server_credentials
+from server.api.auth import Tokens, server_credentials
 from server.config import ServerConfig
 from tests.certificates import write_certificates
 from tests.engine_helpers import make_core

@@ -14,8 +14,8 @@ from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError
 from adapters_registry.sources import SourceUnavailableError
 from adapters_registry.store import (AdapterCorruptError, InvalidContentError, InvalidNameError,
                                      UnknownAdapterError)
-from server.engine import Overloaded, UnknownAdapter
-from server.sampler import InvalidRequest
+from server.engine.core import Overloaded, UnknownAdapter
+from server.engine.sampler import InvalidRequest
 
 
 class NotReady(RuntimeError):

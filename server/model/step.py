@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.kv_cache import KVCache
-from server.lora_layer import LoraContext
+from server.engine.kv_cache import KVCache
+from server.lora.layer import LoraContext
 
 
 @dataclass

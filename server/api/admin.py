@@ -1,7 +1,7 @@
 """The Admin gRPC service: upload, register, inspect, pin and delete adapters while serving.
 
 Store writes (fsync) and loads run on threads, never on the event loop. Errors are the
-registry's own exceptions; the error interceptor in server/grpc_server.py maps them to status
+registry's own exceptions; the error interceptor in server/api/grpc_server.py maps them to status
 codes.
 """
 
@@ -16,8 +16,8 @@ from adapters_registry.peft_format import MAX_CONFIG_BYTES
 from adapters_registry.registry import AdapterRegistry, AdapterStatus
 from adapters_registry.store import check_name
 from loraplex.v1 import admin_pb2, admin_pb2_grpc
-from server.cost import CostReport, stored_cost
-from server.sampler import InvalidRequest
+from server.tools.cost import CostReport, stored_cost
+from server.engine.sampler import InvalidRequest
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -26,7 +26,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, backend):
-        """`backend` (server.grpc_server.Backend) gives the engine and registry once loaded."""
+        """`backend` (server.api.grpc_server.Backend) gives the engine and registry once loaded."""
         self.backend = backend
 
     @property

@@ -1,6 +1,6 @@
 """Loading a local Hugging Face Llama-family model, quantized with bitsandbytes.
 
-The model is built by transformers, then transformed: `server.lora_layer.wrap_lora_targets`
+The model is built by transformers, then transformed: `server.lora.layer.wrap_lora_targets`
 swaps each target Linear for a multi-LoRA wrapper. Our own code only replaces attention (to read
 the paged KV cache); embeddings, norms, rotary embeddings and MLPs stay the HF modules.
 """

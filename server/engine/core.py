@@ -1,7 +1,7 @@
 """The engine: requests in, one packed model step at a time, tokens out.
 
 `EngineCore` is synchronous and single-threaded: `add_request`, `abort`, `step`. Tests drive it
-step by step. `Engine` (server/async_engine.py) runs it on a thread for asyncio callers.
+step by step. `Engine` (server/engine/async_engine.py) runs it on a thread for asyncio callers.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import torch
 
 from adapters_registry.host_cache import AdapterKey, AdapterLease
 from adapters_registry.peft_format import LoraWeights
-from server.adapter_slots import AdapterSlots
-from server import lora_cpu_kernel, lora_op
+from server.engine.adapter_slots import AdapterSlots
+from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
 from server.config import EngineConfig
-from server.detokenizer import IncrementalDetokenizer
-from server.kv_cache import KVCache
-from server.lora_layer import LoraContext, wrap_lora_targets
-from server.model import LoadedModel
-from server.model_step import ModelRunner, SeqChunk, build_step_inputs
-from server.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
-from server.scheduler import ScheduledChunk, Scheduler, Sequence
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import KVCache
+from server.lora.layer import LoraContext, wrap_lora_targets
+from server.model.loading import LoadedModel
+from server.model.step import ModelRunner, SeqChunk, build_step_inputs
+from server.engine.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
+from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = None) -> EngineCore:
     """Loads the configured model, builds the engine and adds the named adapter directories."""
     from adapters_registry.peft_format import read_peft_adapter
-    from server.model import load_model
+    from server.model.loading import load_model
 
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -3,8 +3,8 @@
 `serve` opens the port first, with health NOT_SERVING, loads the model on a thread, then turns
 SERVING; calls that arrive before get UNAVAILABLE. On SIGTERM or SIGINT health turns NOT_SERVING
 again, new calls are refused, in-flight ones get `--grace-seconds` to finish, then the process
-exits. Domain errors become status codes in server/grpc_errors.py; tokens and TLS are in
-server/auth.py.
+exits. Domain errors become status codes in server/api/grpc_errors.py; tokens and TLS are in
+server/api/auth.py.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters_registry.registry import AdapterRegistry
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from server.admin import AdminServicer
-from server.cost import CostReport, cost_report
-from server.async_engine import Engine, RequestRecord
-from server.auth import AuthInterceptor, Tokens, load_tokens, server_credentials
+from server.api.admin import AdminServicer
+from server.tools.cost import CostReport, cost_report
+from server.engine.async_engine import Engine, RequestRecord
+from server.api.auth import AuthInterceptor, Tokens, load_tokens, server_credentials
 from server.config import ServerConfig
-from server.engine import EngineCore, FinishReason, GenerationRequest
-from server.grpc_errors import ErrorInterceptor, NotReady
-from server.http_api import bound_port, create_app, start_http_server
-from server.metrics import Metrics
-from server.request_log import log_request
-from server.sampler import InvalidRequest, SamplingParams
-from server.threads import run_on_own_thread, single_threaded
+from server.engine.core import EngineCore, FinishReason, GenerationRequest
+from server.api.grpc_errors import ErrorInterceptor, NotReady
+from server.api.http_api import bound_port, create_app, start_http_server
+from server.api.metrics import Metrics
+from server.api.request_log import log_request
+from server.engine.sampler import InvalidRequest, SamplingParams
+from server.engine.threads import run_on_own_thread, single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ async def serve(load: Callable[[], tuple[EngineCore, AdapterRegistry]], *, host:
         loop.add_signal_handler(sig, stop.set)
     engine = http = None
     # Helper threads touch torch single-threaded and the model loads on a thread that ends, so
-    # the engine's loop thread holds the only OpenMP pool (server/threads.py).
+    # the engine's loop thread holds the only OpenMP pool (server/engine/threads.py).
     loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="loraplex-io",
                                                  initializer=single_threaded))
     loading = asyncio.wrap_future(run_on_own_thread(load, "loraplex-load"))

@@ -25,9 +25,9 @@ from adapters_registry.host_cache import AdapterLease
 from adapters_registry.peft_format import LoraWeights
 from adapters_registry.registry import AdapterLoadError, AdapterRegistry
 from adapters_registry.store import UnknownAdapterError
-from server.engine import EngineCore, GenerationRequest, Overloaded, RequestOutput, UnknownAdapter
-from server.sampler import InvalidRequest
-from server.threads import loop_threads
+from server.engine.core import EngineCore, GenerationRequest, Overloaded, RequestOutput, UnknownAdapter
+from server.engine.sampler import InvalidRequest
+from server.engine.threads import loop_threads
 
 log = logging.getLogger(__name__)
 

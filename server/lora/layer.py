@@ -2,7 +2,7 @@
 
 After the model is built, `wrap_lora_targets` swaps every target Linear (q, k, v, o, gate, up,
 down) for a `MultiLoraLinear`, and embed_tokens and lm_head for their wrappers
-(server/lora_vocab.py). Each Linear holds preallocated tables for `max_slots` adapters, padded to
+(server/lora/vocab.py). Each Linear holds preallocated tables for `max_slots` adapters, padded to
 `max_rank`; an adapter occupies the same slot index in every module. The token -> slot mapping is
 set ONCE per step on the shared `LoraContext`; the modules only read it.
 """
@@ -16,9 +16,9 @@ from torch import nn
 
 from adapters_registry.peft_format import LoraWeights
 from adapters_registry.spec import TARGET_MODULES, module_path
-from server.dora import dora_factor, weight_row_sq_norms
-from server.lora_op import SlotMapping, lora_apply
-from server.lora_vocab import MultiLoraEmbedding, MultiLoraLMHead
+from server.lora.dora import dora_factor, weight_row_sq_norms
+from server.lora.op import SlotMapping, lora_apply
+from server.lora.vocab import MultiLoraEmbedding, MultiLoraLMHead
 
 
 class LoraContext:
@@ -40,7 +40,7 @@ class MultiLoraLinear(nn.Module):
 
     Tables: lora_a [S, R, in], lora_b [S, R, out] (PEFT's B transposed), scale [S] fp32, and
     lora_rank [S] int32 (each slot's true rank; the rows past it are zero and the CPU kernel
-    skips them). A DoRA slot s (server/dora.py) stores diag(g)·B in lora_b and g in row s + 1 of
+    skips them). A DoRA slot s (server/lora/dora.py) stores diag(g)·B in lora_b and g in row s + 1 of
     dora_g [S + 1, out] (row 0 and plain slots: ones): its tokens' base output (without bias)
     is scaled by g first.
     """

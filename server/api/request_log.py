@@ -6,7 +6,7 @@ import json
 import logging
 import time
 
-from server.async_engine import RequestRecord
+from server.engine.async_engine import RequestRecord
 
 log = logging.getLogger("loraplex.requests")
 
