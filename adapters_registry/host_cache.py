@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from adapters_registry.peft_format import LoraWeights
+from adapters_registry.weights import LoraWeights
 
 
 @dataclass(frozen=True)

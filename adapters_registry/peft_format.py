@@ -27,7 +27,7 @@ import json
 import math
 import mmap
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ import torch
 from adapters_registry.names import NAME_RULE, is_valid_adapter_name, shown_name
 from adapters_registry.spec import (EMBED_TOKENS, LM_HEAD, TARGET_MODULES, VOCAB_MODULES,
                                     BaseModelSpec, module_path)
+from adapters_registry.weights import LoraModuleWeights, LoraWeights
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -110,37 +111,6 @@ def _fail(name: str, file: str, reason: str, tensor: str | None = None) -> Adapt
     where = f"tensor {tensor!r}: " if tensor is not None else ""
     return AdapterFormatError(f"adapter {name!r}: {file}: {where}{reason}",
                               adapter=name, file=file, tensor=tensor, reason=reason)
-
-
-@dataclass
-class LoraModuleWeights:
-    a: torch.Tensor  # [r, in], the file's dtype (fp16, bf16 or fp32)
-    b: torch.Tensor  # [out, r]
-    scale: float
-    magnitude: torch.Tensor | None = None  # [out], DoRA's per-output-channel magnitude
-
-    @property
-    def nbytes(self) -> int:
-        magnitude = self.magnitude.nbytes if self.magnitude is not None else 0
-        return self.a.nbytes + self.b.nbytes + magnitude
-
-
-@dataclass
-class LoraWeights:
-    """One adapter's tensors: decoder modules keyed by (layer index, module name), and the
-    vocabulary-side modules when targeted (embed_tokens: a [r, vocab], b [hidden, r];
-    lm_head: a [r, hidden], b [vocab, r])."""
-
-    name: str
-    rank: int
-    modules: dict[tuple[int, str], LoraModuleWeights] = field(default_factory=dict)
-    embed_tokens: LoraModuleWeights | None = None
-    lm_head: LoraModuleWeights | None = None
-
-    @property
-    def nbytes(self) -> int:
-        vocab = [m for m in (self.embed_tokens, self.lm_head) if m is not None]
-        return sum(m.nbytes for m in [*self.modules.values(), *vocab])
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from adapters_registry.host_cache import (AdapterKey, AdapterLease, CacheFullError, EntryState,
                                           HostCache)
-from adapters_registry.peft_format import AdapterFormatError, LoraWeights, parse_peft_adapter
+from adapters_registry.peft_format import AdapterFormatError, parse_peft_adapter
+from adapters_registry.weights import LoraWeights
 from adapters_registry.spec import BaseModelSpec
 from adapters_registry.store import (AdapterCorruptError, AdapterRecord, AdapterStore, StoreError,
                                      UnknownAdapterError)
@@ -73,7 +74,7 @@ class AdapterRegistry:
                  max_adapter_bytes: int | None = None, load_workers: int = 2,
                  worker_init: Callable[[], None] | None = None):
         """`worker_init` runs first on each load worker thread (the server makes them run torch
-        single-threaded: server/threads.py)."""
+        single-threaded: server/engine/threads.py)."""
         self.store = store
         self.spec = spec
         self.max_rank = max_rank

@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -48,17 +47,14 @@ _READ_CHUNK = 1 << 20  # blobs are read (and hashed behind the reader) in chunks
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FORMAT = 1
 
-# Test seam for the crash-safety test: with LORAPLEX_STORE_CRASH_AT=n the process SIGKILLs itself
-# at the n-th crash point it passes (n = -1 only records the labels). Unset: a no-op.
-_CRASH_AT = int(os.environ.get("LORAPLEX_STORE_CRASH_AT") or 0)
-_crash_labels: list[str] = []
+crash_hook: Callable[[str], None] | None = None
+"""A test seam, not a setting: called with the label of every crash point a write passes (the
+crash-safety test's child process kills itself at one of them); None in service."""
 
 
 def _crash_point(label: str) -> None:
-    if _CRASH_AT:
-        _crash_labels.append(label)
-        if len(_crash_labels) == _CRASH_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
+    if crash_hook is not None:
+        crash_hook(label)
 
 
 class StoreError(Exception):
@@ -88,6 +84,23 @@ class StoreLockedError(StoreError):
     """Another AdapterStore (in this or another process) has the root open."""
 
 
+def next_version(name: str, highest: int, version: int | None) -> int:
+    """The version a put of `name` gets: `version` when it is above `highest` (the highest
+    stored), else highest + 1 when `version` is None; anything else is InvalidContentError."""
+    if version is None:
+        if highest + 1 > MAX_VERSION:
+            raise InvalidContentError(
+                f"adapter {name!r}: no version left above {highest}; delete it and "
+                "upload again (versions restart at 1)")
+        return highest + 1
+    if (isinstance(version, bool) or not isinstance(version, int)
+            or not highest < version <= MAX_VERSION):
+        raise InvalidContentError(
+            f"adapter {name!r}: version must be an integer above {highest} and at "
+            f"most {MAX_VERSION}, got {version!r}")
+    return version
+
+
 def check_name(name: object) -> str:
     """Returns `name` if it follows adapters_registry.names' rule, else raises InvalidNameError."""
     if not is_valid_adapter_name(name):
@@ -106,8 +119,8 @@ class AdapterRecord:
     config_size: int
     weights_size: int
     created_at: float
-    config_path: Path
-    weights_path: Path
+    config_path: Path | None  # None in a MemoryStore
+    weights_path: Path | None
     # Why this version cannot be served (missing or corrupt blob); None when healthy.
     error: str | None = None
 
@@ -274,18 +287,7 @@ class AdapterStore:
             with self._lock:
                 self._check_open()
                 old = self._index.get(name)
-            highest = max(old.versions) if old else 0
-            if version is None:
-                version = highest + 1
-                if version > MAX_VERSION:
-                    raise InvalidContentError(
-                        f"adapter {name!r}: no version left above {highest}; delete it and "
-                        "upload again (versions restart at 1)")
-            elif (isinstance(version, bool) or not isinstance(version, int)
-                  or not highest < version <= MAX_VERSION):
-                raise InvalidContentError(
-                    f"adapter {name!r}: version must be an integer above {highest} and at "
-                    f"most {MAX_VERSION}, got {version!r}")
+            version = next_version(name, max(old.versions) if old else 0, version)
             new = _Version(version, config_sha, weights_sha, len(config_bytes), len(weights_bytes),
                            round(time.time(), 3))
             versions = [*(old.versions.values() if old else ()), new][-(self.keep_versions + 1):]

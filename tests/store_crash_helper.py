@@ -5,15 +5,18 @@
     python -m tests.store_crash_helper loop ROOT   replaces x and y forever, printing
                                                    "committed <name> <version>" after each put
 
-With LORAPLEX_STORE_CRASH_AT=n the store kills the process at its n-th crash point; with -1 it
-only records them, and `seq`/`open` print them as "labels <json>" at the end.
+With CRASH_AT=n in the environment the process kills itself at the store's n-th crash point
+(`store.crash_hook`); with -1 it only records them, and `seq`/`open` print them as
+"labels <json>" at the end.
 Imports nothing heavy: a run costs a Python start-up.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import sys
 
 from adapters_registry import store as store_mod
@@ -59,7 +62,23 @@ def model_states() -> list[dict[str, tuple[int, dict[int, str]]]]:
     return states
 
 
+def install_crash_hook(crash_at: int) -> list[str]:
+    """Kills this process at the store's `crash_at`-th crash point (-1: never); returns the
+    labels passed, as they are passed."""
+    labels: list[str] = []
+
+    def hook(label: str) -> None:
+        labels.append(label)
+        if len(labels) == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if crash_at:
+        store_mod.crash_hook = hook
+    return labels
+
+
 def main(mode: str, root: str) -> None:
+    labels = install_crash_hook(int(os.environ.get("CRASH_AT") or 0))
     store = store_mod.AdapterStore(root, keep_versions=KEEP_VERSIONS)
     if mode == "seq":
         for i, (op, name, tag, version) in enumerate(SEQUENCE):
@@ -76,7 +95,7 @@ def main(mode: str, root: str) -> None:
             store.put(name, *content(f"{name}-{version}"), version=version)
             print(f"committed {name} {version}", flush=True)
     store.close()
-    print("labels " + json.dumps(store_mod._crash_labels), flush=True)
+    print("labels " + json.dumps(labels), flush=True)
 
 
 if __name__ == "__main__":

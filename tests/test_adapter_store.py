@@ -341,7 +341,7 @@ def test_unreadable_or_hostile_refs_are_skipped_and_stop_gc(tmp_path):
 
 def run_helper(mode: str, root: Path, crash_at: int | None = None,
                timeout: float = 20) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LORAPLEX_STORE_CRASH_AT=str(crash_at or ""))
+    env = dict(os.environ, CRASH_AT=str(crash_at or ""))
     return subprocess.run([sys.executable, "-m", "tests.store_crash_helper", mode, str(root)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
