@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from google.protobuf.message import Message
+from tqdm import tqdm
 
 from clients._common import DEFAULT_TARGET, AdapterInfo, LoraplexError, ServerInfo
 from clients.sync import LoraplexClient
@@ -128,7 +129,7 @@ def _stream(client: LoraplexClient, args) -> None:
 
 
 def _upload(client: LoraplexClient, args) -> None:
-    bar = ProgressBar(sys.stderr)
+    bar = UploadProgress(sys.stderr)
     try:
         info = client.upload_adapter(args.name, args.directory, version=args.version, progress=bar)
     finally:
@@ -235,24 +236,22 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-class ProgressBar:
-    """`\\r[#####.....] 12.0/50.0 MiB` on a stream, redrawn in place; close() ends the line."""
+class UploadProgress:
+    """tqdm's progress bar for an upload (`progress(sent, total)` moves it); close() ends it."""
 
-    def __init__(self, out, width: int = 30):
-        self.out, self.width, self.drawn = out, width, False
+    def __init__(self, out):
+        self.out = out
+        self.bar = None
 
     def __call__(self, sent: int, total: int) -> None:
-        filled = self.width * sent // total if total else self.width
-        unit, scale = ("MiB", MiB) if total >= MiB // 10 else ("KiB", 1024)
-        self.out.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] "
-                       f"{sent / scale:.1f}/{total / scale:.1f} {unit}")
-        self.out.flush()
-        self.drawn = True
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="upload", unit="B", unit_scale=True,
+                            unit_divisor=1024, file=self.out)
+        self.bar.update(sent - self.bar.n)
 
     def close(self) -> None:
-        if self.drawn:
-            self.out.write("\n")
-            self.out.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 if __name__ == "__main__":
