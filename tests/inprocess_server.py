@@ -9,19 +9,19 @@ from contextlib import contextmanager
 
 import grpc
 
-from server.api.grpc_server import RunningServer, create_server
+from server.app import RunningServer, create_server
 
 
 @contextmanager
-def serving(core, registry=None, **options) -> Iterator[tuple[grpc.Channel, RunningServer]]:
+def serving(core, **options) -> Iterator[tuple[grpc.Channel, RunningServer]]:
     """A channel to a started, SERVING server around `core`; stopped (and its engine closed) on
-    exit. `options` go to server.api.grpc_server.create_server (tokens=..., credentials=...)."""
+    exit. `options` go to server.app.create_server (tokens=..., credentials=...)."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     state = {}
 
     async def start():
-        state["running"] = await create_server(core, "127.0.0.1:0", registry, **options)
+        state["running"] = await create_server(core, "127.0.0.1:0", **options)
         started.set()
 
     thread = threading.Thread(target=lambda: (loop.run_until_complete(start()),
@@ -33,7 +33,7 @@ def serving(core, registry=None, **options) -> Iterator[tuple[grpc.Channel, Runn
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield channel, running
     finally:
-        asyncio.run_coroutine_threadsafe(running.server.stop(None), loop).result(10)
+        asyncio.run_coroutine_threadsafe(running.grpc.server.stop(None), loop).result(10)
         running.backend.ready().engine.close()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)

@@ -2,8 +2,8 @@
 
 Every test drives the registry step by step and states the whole content of every tier after
 each step: the store as {name: current version}, host RAM and the device slots as
-{"name@version": state}. The device tier is the engine's real slot table (server.engine.adapter_slots)
-with recording callbacks in place of tensor copies.
+{"name@version": state}. The device tier is the engine's real slot table (server.engine.adapter_slots),
+with the writes the engine would make recorded instead of made.
 """
 
 from __future__ import annotations
@@ -75,16 +75,18 @@ def make_registry(tmp_path, spec):
 
 
 class Device:
-    """The engine's slot table with recording callbacks; leases are taken and released as a
-    running request would."""
+    """The engine's slot table, the writes it asks for recorded; leases are taken and released
+    as a running request would."""
 
     def __init__(self, max_slots=4):
         self.written: list[str] = []
-        self.slots = AdapterSlots(max_slots, load=lambda slot, lease: self.written.append(
-            _label(lease.key)), clear=lambda slot: None)
+        self.slots = AdapterSlots(max_slots)
 
     def start(self, lease: AdapterLease) -> int:
-        return self.slots.acquire(lease)
+        placement = self.slots.acquire(lease.key)
+        if placement.needs_write:
+            self.written.append(_label(lease.key))
+        return placement.slot
 
     def finish(self, lease: AdapterLease) -> None:
         self.slots.release(lease.key)

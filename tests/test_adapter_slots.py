@@ -1,13 +1,12 @@
-"""The device slot table: a write replaces everything a slot held, so an evicted slot is reused
-without clearing it first; a write that fails gives its slot back empty."""
+"""The device slot table: a write replaces everything a slot held, so an evicted or dropped slot
+is reused without clearing it first; a version whose write failed is never handed out again."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from adapters_registry.host_cache import AdapterKey, AdapterLease
-from server.engine.adapter_slots import AdapterSlots
+from adapters_registry.host_cache import AdapterKey
+from server.engine.adapter_slots import AdapterSlots, Placement
 from tests.engine_helpers import make_core
 
 
@@ -46,7 +45,8 @@ def test_a_write_over_any_adapter_equals_a_write_into_a_cleared_slot(
         tiny_model_dir, tiny_adapter_dirs, tiny_dora_adapter_dirs, tiny_vocab_adapter_dirs):
     adapters = {**tiny_adapter_dirs, **tiny_dora_adapter_dirs, **tiny_vocab_adapter_dirs}
     core = make_core(tiny_model_dir, adapters, max_rank=64, max_slots=2)
-    weights = {name: lease.weights for name, lease in core.adapters.items()}
+    leases = [core.registry.acquire(name).result() for name in adapters]
+    weights = {lease.key.name: lease.weights for lease in leases}
     for name in adapters:
         core.layers.clear(1)
         core.layers.write(1, weights[name])
@@ -57,31 +57,28 @@ def test_a_write_over_any_adapter_equals_a_write_into_a_cleared_slot(
             assert_same_state(slot_state(core, 0), fresh)
 
 
-def _lease(name: str) -> AdapterLease:
-    return AdapterLease(AdapterKey(name, 1, name), weights=None)
+def key(name: str) -> AdapterKey:
+    return AdapterKey(name, 1, name)
 
 
-def test_eviction_reuses_the_least_recently_used_idle_slot_without_clearing_it():
-    written, cleared = [], []
-    slots = AdapterSlots(2, load=lambda slot, lease: written.append((slot, lease.key.name)),
-                         clear=cleared.append)
+def test_eviction_reuses_the_least_recently_used_idle_slot_and_asks_for_a_write():
+    slots = AdapterSlots(2)
     for name in ("a", "b"):
-        slots.acquire(_lease(name))
-        slots.release(_lease(name).key)
-    assert slots.acquire(_lease("c")) == 0  # "a" was idle the longest
-    assert written[-1] == (0, "c") and cleared == []
-    assert _lease("a").key not in slots.slot_of and slots.evictions == 1
+        assert slots.acquire(key(name)).needs_write
+        slots.release(key(name))
+    assert slots.acquire(key("a")) == Placement(0, needs_write=False)  # a hit
+    slots.release(key("a"))
+    assert slots.acquire(key("c")) == Placement(1, needs_write=True)  # "b" was idle the longest
+    assert key("b") not in slots.slot_of and slots.evictions == 1
+    assert (slots.loads, slots.hits) == (3, 1)
 
 
-def test_a_failed_write_returns_its_slot_empty_and_the_next_acquire_gets_it():
-    cleared = []
-
-    def load(slot, lease):
-        if lease.key.name == "broken":
-            raise RuntimeError("write failed half way")
-
-    slots = AdapterSlots(1, load=load, clear=cleared.append)
-    with pytest.raises(RuntimeError):
-        slots.acquire(_lease("broken"))
-    assert cleared == [0] and slots.free_slots() == 1 and slots.refs == [0]
-    assert slots.acquire(_lease("good")) == 0
+def test_a_version_whose_write_failed_is_written_again_by_its_next_user():
+    """The engine retires a version whose write failed; its slot frees when its users end."""
+    slots = AdapterSlots(1)
+    placed = slots.acquire(key("broken"))
+    slots.retire(key("broken"))  # what the engine does when the write raises
+    assert not slots.can_place(key("good"))  # still referenced by the failed admission
+    slots.release(key("broken"))
+    assert slots.free_slots() == 1 and slots.refs == [0]
+    assert slots.acquire(key("broken")) == Placement(placed.slot, needs_write=True)

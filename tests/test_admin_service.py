@@ -20,7 +20,7 @@ from loraplex.v1 import admin_pb2 as apb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.api.auth import Tokens
+from server.serving import Tokens
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
 from tests.test_adapter_store import tree_digest
@@ -39,11 +39,14 @@ def files(tiny_adapter_dirs):
 def served(tiny_model_dir, tmp_path_factory):
     """(channel, registry) of a server with admin and inference tokens."""
     root = tmp_path_factory.mktemp("admin")
-    core = make_core(tiny_model_dir, {}, max_slots=2)
-    registry = AdapterRegistry(AdapterStore(root / "store"), core.model.spec, max_rank=64,
+    def open_registry(spec):
+        return AdapterRegistry(AdapterStore(root / "store"), spec, max_rank=64,
                                cache_bytes=2**24, allowed_roots=[root],
                                max_adapter_bytes=2**20)
-    with serving(core, registry, tokens=Tokens(admin=b"admin-token",
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
+    with serving(core, tokens=Tokens(admin=b"admin-token",
                                                inference=b"inference-token")) as (channel, _):
         yield channel, registry
     registry.close()

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from adapters_registry.peft_format import read_peft_adapter
+from adapters_registry.peft_format import read_adapter_files
+from adapters_registry.store import UnknownAdapterError
 from server.engine.async_engine import Engine
-from server.engine.core import UnknownAdapter
 from tests.engine_helpers import greedy_request, make_core, run_to_completion
 
 REQUESTS = [([1, 20, 21, 22], None), ([1, 5, 6], "attn-r4"), ([1] + list(range(40, 70)), "all-r8"),
@@ -37,7 +37,7 @@ def test_concurrent_generate_equals_solo_runs(engine, tiny_model_dir, tiny_adapt
 
 
 def test_validation_errors_reach_the_caller(engine):
-    with pytest.raises(UnknownAdapter):
+    with pytest.raises(UnknownAdapterError):
         asyncio.run(engine.generate(greedy_request([1, 2], "missing", 3)))
 
 
@@ -66,11 +66,10 @@ def test_cancelling_a_stream_frees_its_blocks_and_slot(engine):
 
 
 def test_adapters_can_be_added_and_removed_from_another_thread(engine, tiny_adapter_dirs):
-    weights = read_peft_adapter(tiny_adapter_dirs["attn-r4"], engine.core.model.spec)
-    engine.add_adapter("late", weights)
+    engine.registry.register("late", *read_adapter_files(tiny_adapter_dirs["attn-r4"], "late"))
     result = asyncio.run(engine.generate(greedy_request([1, 5, 6], "late", 4)))
     same = asyncio.run(engine.generate(greedy_request([1, 5, 6], "attn-r4", 4)))
     assert result.token_ids == same.token_ids
-    engine.remove_adapter("late")
-    with pytest.raises(UnknownAdapter):
+    engine.registry.delete("late")
+    with pytest.raises(UnknownAdapterError):
         asyncio.run(engine.generate(greedy_request([1, 5, 6], "late", 4)))

@@ -34,7 +34,7 @@ from loraplex.v1 import admin_pb2 as apb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.api.auth import Tokens
+from server.serving import Tokens
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
 
@@ -265,16 +265,20 @@ def wait_until(condition, timeout: float = 30) -> bool:
 def churn_setup(model_dir, adapter_dirs, root):
     """(port, core, registry, variants) of a server with 2 slots, the STABLE adapters, and a
     host cache for 3 leases + 1 pin + 2 spare of the largest adapter."""
-    core = make_core(model_dir, {}, max_slots=2)
     variants = variant_files(adapter_dirs[VARIANT_BASE])
     stable = {name: ((adapter_dirs[name] / CONFIG_FILE).read_text(),
                      (adapter_dirs[name] / WEIGHTS_FILE).read_bytes()) for name in STABLE}
-    cache = cache_bytes_for(core.model.spec, [*variants, *stable.values()], held=3 + 1 + 2)
-    registry = AdapterRegistry(AdapterStore(root / "store"), core.model.spec, max_rank=64,
+
+    def open_registry(spec):
+        cache = cache_bytes_for(spec, [*variants, *stable.values()], held=3 + 1 + 2)
+        return AdapterRegistry(AdapterStore(root / "store"), spec, max_rank=64,
                                cache_bytes=cache)
+
+    core = make_core(model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
     for name, (config, weights) in stable.items():
         registry.register(name, config.encode(), weights)
-    with serving(core, registry, tokens=Tokens(admin=ADMIN_TOKEN.encode(), inference=None)
+    with serving(core, tokens=Tokens(admin=ADMIN_TOKEN.encode(), inference=None)
                  ) as (_, running):
         yield running.port, core, registry, variants
     registry.close()

@@ -35,8 +35,9 @@ import pytest
 import torch
 
 from adapters_registry.peft_format import read_peft_adapter
-from server.tools.cost import (CostReport, cost_report, format_table, full_precision_bytes,
-                         model_bytes_as_served, slot_table_bytes)
+from server.model.memory import (CostReport, cost_report, full_precision_bytes,
+                                 model_bytes_as_served, slot_table_bytes)
+from server.tools.cost import format_table
 from server.tools.demo import (DEMO_ADAPTERS, DEMO_MODEL_SHAPE, MLP_MODULES, build_demo,
                          write_llama_model)
 from server.lora.layer import LoraContext, wrap_lora_targets

@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from adapters_registry.peft_format import read_peft_adapter
-from server.engine.core import GenerationRequest, UnknownAdapter
-from server.engine.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
+from adapters_registry.peft_format import read_adapter_files
+from adapters_registry.store import UnknownAdapterError
+from server.engine.core import GenerationRequest
+from server.engine.sampler import SampleRow, SamplingParams, make_generator, sample
+from server.errors import InvalidRequest
 from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
 
 PROMPT = [1, 72, 101, 108, 108, 111, 32, 119]
@@ -112,7 +114,7 @@ def test_replacing_an_adapter_keeps_running_requests_on_their_version(tiny_model
                                                                       tiny_adapter_dirs):
     core = make_core(tiny_model_dir, tiny_adapter_dirs, max_slots=4, max_rank=64)
     old = run_to_completion(core, {0: [("r", greedy_request(PROMPT, "all-r8", 8))]})["r"][0]
-    new_weights = read_peft_adapter(tiny_adapter_dirs["qkvo-r64"], core.model.spec, name="x")
+    new_files = read_adapter_files(tiny_adapter_dirs["qkvo-r64"], "all-r8")
     new = run_to_completion(core, {0: [("r", greedy_request(PROMPT, "qkvo-r64", 8))]})["r"][0]
 
     results = {"running": [], "after": []}
@@ -123,7 +125,7 @@ def test_replacing_an_adapter_keeps_running_requests_on_their_version(tiny_model
     core.add_request(greedy_request(PROMPT, "all-r8", 8), "running")
     for _ in range(3):
         collect(core.step())
-    core.add_adapter("all-r8", new_weights)  # replaced while "running" decodes
+    core.registry.register("all-r8", *new_files)  # replaced while "running" decodes
     core.add_request(greedy_request(PROMPT, "all-r8", 8), "after")
     while core.has_work():
         collect(core.step())
@@ -133,8 +135,8 @@ def test_replacing_an_adapter_keeps_running_requests_on_their_version(tiny_model
 
 def test_removed_adapter_is_unknown_to_new_requests(tiny_model_dir, tiny_adapter_dirs):
     core = make_core(tiny_model_dir, tiny_adapter_dirs, max_slots=4, max_rank=64)
-    core.remove_adapter("attn-r4")
-    with pytest.raises(UnknownAdapter):
+    core.registry.delete("attn-r4")
+    with pytest.raises(UnknownAdapterError):
         core.add_request(greedy_request(PROMPT, "attn-r4", 4))
 
 

@@ -49,7 +49,7 @@ from loraplex.v1 import admin_pb2 as apb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.api.auth import Tokens
+from server.serving import Tokens
 from server.engine.sampler import MAX_TEMPERATURE, MIN_TEMPERATURE, PENALTY_RANGE
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
@@ -116,10 +116,13 @@ def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
         shutil.copytree(tiny_adapter_dirs[name], root / "sources" / name)
         files[name] = ((root / "sources" / name / CONFIG_FILE).read_bytes(),
                        (root / "sources" / name / WEIGHTS_FILE).read_bytes())
-    core = make_core(tiny_model_dir, {}, max_slots=2)
-    registry = AdapterRegistry(AdapterStore(root / "store"), core.model.spec, max_rank=64,
+    def open_registry(spec):
+        return AdapterRegistry(AdapterStore(root / "store"), spec, max_rank=64,
                                cache_bytes=64 << 20, allowed_roots=[root / "sources"],
                                max_adapter_bytes=MAX_ADAPTER_BYTES)
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
     for name, (config, weights) in files.items():
         registry.register(name, config, weights)
     with pytest.MonkeyPatch.context() as env:
@@ -129,7 +132,7 @@ def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
         env.setenv("AWS_SECRET_ACCESS_KEY", "fuzz")
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        with serving(core, registry, tokens=Tokens(admin=ADMIN_TOKEN.encode(), inference=None),
+        with serving(core, tokens=Tokens(admin=ADMIN_TOKEN.encode(), inference=None),
                      max_message_bytes=MAX_MESSAGE_BYTES) as (channel, _):
             fuzzed = Fuzzed(channel, registry, core.model.spec.vocab_size, core.max_model_len,
                             core.tokenizer, root / "sources", files)

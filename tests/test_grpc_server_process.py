@@ -16,7 +16,7 @@ from clients import LoraplexClient, LoraplexError
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
 from server.config import ServerConfig
-from server.api.grpc_server import serve
+from server.app import serve
 from tests.certificates import write_certificates
 from tests.server_process import start_server
 
@@ -81,8 +81,8 @@ def test_health_is_not_serving_until_the_model_is_loaded(tmp_path):
         raise RuntimeError("stop here: this test only watches the loading phase")
 
     async def scenario():
-        task = asyncio.create_task(serve(load, host="127.0.0.1", port=0,
-                                         config=ServerConfig(grace_seconds=0)))
+        task = asyncio.create_task(serve(load, ServerConfig(host="127.0.0.1", port=0,
+                                                               grace_seconds=0)))
         port = await _bound_port(task)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -115,12 +115,12 @@ async def _bound_port(task: asyncio.Task) -> int:
                     found.set_result, int(message.split(":")[1].split(";")[0]))
 
     handler = Catch()
-    logging.getLogger("server.api.grpc_server").addHandler(handler)
-    logging.getLogger("server.api.grpc_server").setLevel(logging.INFO)
+    logging.getLogger("server.app").addHandler(handler)
+    logging.getLogger("server.app").setLevel(logging.INFO)
     try:
         return await asyncio.wait_for(found, 30)
     finally:
-        logging.getLogger("server.api.grpc_server").removeHandler(handler)
+        logging.getLogger("server.app").removeHandler(handler)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(demo_cache):

@@ -22,10 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from transformers import AutoTokenizer
 
 from clients import LoraplexClient
-from server.api.auth import Tokens
-from server.config import ConfigError
+from server.serving import Tokens
+from server.errors import ConfigError
 from server.tools.demo import build_demo
-from server.api.grpc_server import Backend
+from server.serving import Backend
 from server.api.http_api import bound_port, create_app, start_http_server
 from tests.certificates import write_certificates
 from tests.server_process import start_server

@@ -81,14 +81,18 @@ class LeakReport:
 def leak_server(model_dir, adapter_dir, root):
     """(channel, core, registry): 1 slot, a host cache of 2 adapters, ROTATING and PINNED
     registered (contents of `adapter_dir` with lora_B scaled), PINNED pinned."""
-    core = make_core(model_dir, {}, max_slots=1)
     files = variant_files(adapter_dir, scales=[1.0 + i / 8 for i in range(len(ROTATING) + 1)])
-    registry = AdapterRegistry(AdapterStore(root / "store"), core.model.spec, max_rank=64,
-                               cache_bytes=cache_bytes_for(core.model.spec, files, held=2))
+
+    def open_registry(spec):
+        return AdapterRegistry(AdapterStore(root / "store"), spec, max_rank=64,
+                               cache_bytes=cache_bytes_for(spec, files, held=2))
+
+    core = make_core(model_dir, {}, max_slots=1, registry=open_registry)
+    registry = core.registry
     for name, (config, weights) in zip([*ROTATING, PINNED], files):
         registry.register(name, config.encode(), weights)
     registry.pin(PINNED).result(30)
-    with serving(core, registry) as (channel, _):
+    with serving(core) as (channel, _):
         yield channel, core, registry
     registry.close()
     registry.store.close()

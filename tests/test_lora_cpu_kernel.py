@@ -15,7 +15,7 @@ import torch
 
 from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
 from server.lora.layer import LoraContext, MultiLoraLinear
-from server.lora.op import SlotMapping, lora_apply, lora_reference
+from server.lora.op import CpuKernel, SlotMapping, lora_apply, lora_reference, select_kernel
 
 S = 8
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -78,14 +78,14 @@ and a real model's down_proj."""
 
 
 @pytest.fixture(params=["auto", "cpp"])
-def kernel_mode(request, monkeypatch, kernel):
-    monkeypatch.setattr(lora_op, "KERNEL", request.param)
-    return request.param
+def kernel_mode(request, kernel) -> CpuKernel:
+    """The kernel as an engine selects it for --lora-kernel auto and cpp."""
+    return select_kernel(request.param, "cpu")
 
 
-def run_lora_apply(x, slot, A, B, scale, rank=None):
+def run_lora_apply(x, slot, A, B, scale, rank, kernel):
     """(y_before, y_after) for lora_apply on a random y; asserts the kernel took the call."""
-    mapping = SlotMapping.build(slot)
+    mapping = SlotMapping.build(slot, kernel)
     assert mapping.kernel is not None
     y = torch.randn(x.shape[0], B.shape[2], generator=torch.Generator().manual_seed(9))
     y_before = y.clone()
@@ -101,7 +101,7 @@ def test_kernel_equals_reference(kernel_mode, name, n_in, n_out, R, dtype):
     slot = pattern(name, gen)
     A, B, _, _, scale, rank = make_tables(n_in, n_out, R, gen, dtype)
     x = torch.randn(len(slot), n_in, generator=gen)
-    y_before, y = run_lora_apply(x, slot, A, B, scale, rank)
+    y_before, y = run_lora_apply(x, slot, A, B, scale, rank, kernel_mode)
     expected = lora_reference(x, slot, A, B, scale)  # fp32 math on the (bf16) table values
     atol = TOL["atol"] * max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(y - y_before, expected, rtol=TOL["rtol"], atol=atol)
@@ -116,7 +116,7 @@ def test_rows_past_the_rank_are_skipped(kernel_mode, dtype):
     A, B, clean_A, clean_B, scale, rank = make_tables(96, 64, 16, gen, dtype,
                                                       garbage_past_rank=True)
     x = torch.randn(len(slot), 96, generator=gen)
-    y_before, y = run_lora_apply(x, slot, A, B, scale, rank)
+    y_before, y = run_lora_apply(x, slot, A, B, scale, rank, kernel_mode)
     expected = lora_reference(x, slot, clean_A, clean_B, scale)
     torch.testing.assert_close(y - y_before, expected, rtol=1e-5,
                                atol=1e-5 * float(expected.abs().max()))
@@ -132,21 +132,19 @@ def test_one_thread_and_strided_rows(kernel_mode):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lora_apply(y, x, SlotMapping.build(slot), A, B, scale, rank)
+        lora_apply(y, x, SlotMapping.build(slot, kernel_mode), A, B, scale, rank)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(y, lora_reference(x, slot, A, B, scale), **TOL)
 
 
 def test_auto_sends_slots_with_many_tokens_to_pytorch(monkeypatch, kernel):
-    monkeypatch.setattr(lora_op, "KERNEL", "auto")
     monkeypatch.setattr(lora_op, "KERNEL_MAX_TOKENS", 10)
     slot = torch.cat([torch.full((12,), 3), torch.tensor([0, 1, -1, 3])])
-    plan = SlotMapping.build(slot).kernel
+    plan = SlotMapping.build(slot, select_kernel("auto", "cpu")).kernel
     assert plan.entries.tolist() == [[0, 0, 1], [1, 1, 2]]
     assert [(seg.slot, seg.start, seg.stop) for seg in plan.segments] == [(3, 0, 16)]
-    monkeypatch.setattr(lora_op, "KERNEL", "cpp")
-    plan = SlotMapping.build(slot).kernel
+    plan = SlotMapping.build(slot, select_kernel("cpp", "cpu")).kernel
     assert plan.entries.tolist() == [[0, 0, 1], [1, 1, 2], [3, 2, 15]] and not plan.segments
 
 
@@ -157,7 +155,7 @@ def test_calls_that_are_not_the_kernels_run_pytorch(kernel_mode):
     A, B, _, _, scale, rank = make_tables(32, 16, 8, gen, torch.float32)
     x = torch.randn(4, 32, generator=gen).to(torch.bfloat16)
     y = torch.zeros(4, 16, dtype=torch.bfloat16)
-    mapping = SlotMapping.build(slot)
+    mapping = SlotMapping.build(slot, kernel_mode)
     assert not mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel.entries,
                                   mapping.kernel.tokens)
     lora_apply(y, x, mapping, A, B, scale, rank)
@@ -166,15 +164,16 @@ def test_calls_that_are_not_the_kernels_run_pytorch(kernel_mode):
                                atol=2e-2 * float(expected.abs().max()))
 
 
-def test_torch_mode_builds_no_kernel_plan(monkeypatch):
-    monkeypatch.setattr(lora_op, "KERNEL", "torch")
-    assert SlotMapping.build(torch.tensor([0, 1, 1])).kernel is None
+def test_torch_mode_selects_no_kernel_and_builds_no_plan():
+    assert select_kernel("torch", "cpu") is None
+    assert SlotMapping.build(torch.tensor([0, 1, 1]), None).kernel is None
 
 
 def test_multi_lora_linear_stores_b_transposed_and_the_rank(kernel_mode):
     gen = torch.Generator().manual_seed(24)
     base = torch.nn.Linear(32, 24)
-    layer = MultiLoraLinear(base, LoraContext(), max_slots=4, max_rank=16, dtype=torch.bfloat16,
+    layer = MultiLoraLinear(base, LoraContext(kernel_mode), max_slots=4, max_rank=16,
+                            dtype=torch.bfloat16,
                             device=torch.device("cpu"))
     a = torch.randn(4, 32, generator=gen).bfloat16()  # lora_A: [r=4, in]
     b = torch.randn(24, 4, generator=gen).bfloat16()  # lora_B: [out, r=4]
@@ -209,13 +208,14 @@ def test_a_failed_build_warns_once_and_pytorch_serves(monkeypatch, caplog):
     monkeypatch.setattr(lora_cpu_kernel, "_build", no_compiler)
     monkeypatch.setattr(lora_cpu_kernel, "_module", None)
     monkeypatch.setattr(lora_cpu_kernel, "_failed", False)
-    monkeypatch.setattr(lora_op, "KERNEL", "cpp")
     gen = torch.Generator().manual_seed(25)
     A, B, _, _, scale, rank = make_tables(48, 40, 8, gen, torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger=lora_cpu_kernel.__name__):
-        for _ in range(3):
+        for _ in range(3):  # three engines starting
+            selected = select_kernel("cpp", "cpu")
+            assert selected is None
             slot = torch.randint(-1, S, (20,), generator=gen)
-            mapping = SlotMapping.build(slot)
+            mapping = SlotMapping.build(slot, selected)
             assert mapping.kernel is None
             x = torch.randn(20, 48, generator=gen)
             y = torch.zeros(20, 40)

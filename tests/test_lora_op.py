@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.lora import op as lora_op
-from server.lora.op import SlotMapping, lora_apply, lora_reference
+from server.lora.op import SlotMapping, lora_apply, lora_reference, select_kernel
 
 S = 8  # slot table size used by these tests
 
@@ -37,12 +37,12 @@ def make_tables(n_in: int, n_out: int, R: int, gen: torch.Generator, dtype=torch
     return A.to(dtype), B.to(dtype), scale
 
 
-def fast_delta(x, slot, A, B, scale) -> torch.Tensor:
+def fast_delta(x, slot, A, B, scale, kernel=None) -> torch.Tensor:
     """What lora_apply adds to a random y, computed as y_after - y_before."""
     gen = torch.Generator().manual_seed(123)
     y = torch.randn(x.shape[0], B.shape[2], generator=gen)
     y_before = y.clone()
-    lora_apply(y, x, SlotMapping.build(slot), A, B, scale)
+    lora_apply(y, x, SlotMapping.build(slot, kernel), A, B, scale)
     return y - y_before
 
 
@@ -76,12 +76,12 @@ PATTERNS = ["rows with -1", "repeated slots", "one slot for all", "all distinct"
             "large T: two prefills + decodes"]
 
 STRATEGIES = {
-    "torch default": dict(KERNEL="torch"),
-    "torch all segments": dict(KERNEL="torch", HEAVY_TOKENS=1),
-    "torch all batched, table view": dict(KERNEL="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=10**9),
-    "torch all batched, gathered weights": dict(KERNEL="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=0),
-    "auto (kernel for light slots)": dict(KERNEL="auto"),
-    "cpp (kernel for every slot)": dict(KERNEL="cpp"),
+    "torch default": dict(kernel="torch"),
+    "torch all segments": dict(kernel="torch", HEAVY_TOKENS=1),
+    "torch all batched, table view": dict(kernel="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=10**9),
+    "torch all batched, gathered weights": dict(kernel="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=0),
+    "auto (kernel for light slots)": dict(kernel="auto"),
+    "cpp (kernel for every slot)": dict(kernel="cpp"),
 }
 """The C++ strategies run PyTorch where the kernel cannot be built (tests/test_lora_cpu_kernel.py
 checks that it is built wherever a compiler is)."""
@@ -89,10 +89,13 @@ checks that it is built wherever a compiler is)."""
 
 @pytest.fixture(params=list(STRATEGIES))
 def strategy(request, monkeypatch):
-    """Forces lora_apply through one strategy (the mapping picks it at build time)."""
-    for name, value in STRATEGIES[request.param].items():
+    """Forces lora_apply through one strategy (the mapping picks it at build time); returns the
+    kernel to build mappings with."""
+    settings = dict(STRATEGIES[request.param])
+    kernel = select_kernel(settings.pop("kernel"), "cpu")
+    for name, value in settings.items():
         monkeypatch.setattr(lora_op, name, value)
-    return request.param
+    return kernel
 
 
 def test_reference_is_the_formula_on_a_hand_computed_example():
@@ -117,7 +120,7 @@ def test_fast_path_equals_reference_fp32(strategy, name, n_in, n_out, R):
     A, B, scale = make_tables(n_in, n_out, R, gen)
     x = torch.randn(len(slot), n_in, generator=gen)
     expected = lora_reference(x, slot, A, B, scale)
-    torch.testing.assert_close(fast_delta(x, slot, A, B, scale), expected, **FP32_TOL)
+    torch.testing.assert_close(fast_delta(x, slot, A, B, scale, strategy), expected, **FP32_TOL)
 
 
 @pytest.mark.parametrize("name", PATTERNS)
@@ -128,7 +131,7 @@ def test_fast_path_with_bf16_tables_matches_reference_on_the_same_rounded_tables
     x = torch.randn(len(slot), 64, generator=gen)
     expected = lora_reference(x, slot, A, B, scale)  # fp32 math on the bf16 values
     tol = BF16_REL_TOL * float(expected.abs().max())
-    torch.testing.assert_close(fast_delta(x, slot, A, B, scale), expected, rtol=BF16_REL_TOL,
+    torch.testing.assert_close(fast_delta(x, slot, A, B, scale, strategy), expected, rtol=BF16_REL_TOL,
                                atol=tol)
 
 
@@ -144,7 +147,7 @@ def test_padding_a_rank_4_adapter_to_rank_16_changes_nothing(strategy):
     scale = torch.zeros(S)
     scale[3] = 2.0
     slot = torch.full((10,), 3)
-    torch.testing.assert_close(fast_delta(x, slot, A, B, scale), unpadded, **FP32_TOL)
+    torch.testing.assert_close(fast_delta(x, slot, A, B, scale, strategy), unpadded, **FP32_TOL)
 
 
 @pytest.mark.parametrize("slot", [torch.full((12,), -1), torch.empty(0, dtype=torch.long)],

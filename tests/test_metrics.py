@@ -45,13 +45,16 @@ def free_port() -> int:
 @pytest.fixture
 def served(tiny_model_dir, tiny_adapter_dirs, tmp_path):
     """(stub, metrics registry) of an in-process server with adapters a8 and a4 registered."""
-    core = make_core(tiny_model_dir, {}, max_slots=2)
-    registry = AdapterRegistry(AdapterStore(tmp_path / "store"), core.model.spec, max_rank=64,
+    def open_registry(spec):
+        return AdapterRegistry(AdapterStore(tmp_path / "store"), spec, max_rank=64,
                                cache_bytes=2**24)
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
     for name, source in (("a8", "all-r8"), ("a4", "attn-r4")):
         d = tiny_adapter_dirs[source]
         registry.register(name, (d / CONFIG_FILE).read_bytes(), (d / WEIGHTS_FILE).read_bytes())
-    with serving(core, registry) as (channel, running):
+    with serving(core) as (channel, running):
         yield inference_pb2_grpc.InferenceStub(channel), running.metrics.registry
     registry.close()
     registry.store.close()

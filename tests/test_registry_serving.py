@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adapters_registry.peft_format import CONFIG_FILE, WEIGHTS_FILE, parse_peft_adapter
+from adapters_registry.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from adapters_registry.registry import AdapterRegistry
 from adapters_registry.store import AdapterStore, UnknownAdapterError
 from server.engine.async_engine import Engine
@@ -36,7 +36,7 @@ def reference(tiny_model_dir, versions):
     core = make_core(tiny_model_dir, {})
     out = {}
     for version, files in versions.items():
-        core.add_adapter("a", parse_peft_adapter("a", *files, core.model.spec))
+        core.registry.register("a", *files)
         out[version] = run_to_completion(core, {0: [("r", greedy_request(PROMPT, "a", TOKENS))]})[
             "r"][0]
     assert out[1] != out[2]
@@ -46,11 +46,15 @@ def reference(tiny_model_dir, versions):
 @pytest.fixture
 def served(tiny_model_dir, tmp_path, versions):
     """(engine, registry) with adapter "a" registered at version 1."""
-    core = make_core(tiny_model_dir, {}, max_slots=2)
     store = AdapterStore(tmp_path / "store")
-    registry = AdapterRegistry(store, core.model.spec, max_rank=64, cache_bytes=2**24)
+
+    def open_registry(spec):
+        return AdapterRegistry(store, spec, max_rank=64, cache_bytes=2**24)
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
     registry.register("a", *versions[1])
-    engine = Engine(core, registry)
+    engine = Engine(core)
     yield engine, registry
     engine.close()
     registry.close()
@@ -170,10 +174,14 @@ def test_an_embedding_and_lm_head_adapter_serves_from_the_registry(tiny_model_di
     base = run_to_completion(resident, {0: [("r", greedy_request(PROMPT, None, TOKENS))]})["r"][0]
     assert want != base
 
-    core = make_core(tiny_model_dir, {}, max_slots=2)
     store = AdapterStore(tmp_path / "store")
-    registry = AdapterRegistry(store, core.model.spec, max_rank=64, cache_bytes=2**24)
-    engine = Engine(core, registry)
+
+    def open_registry(spec):
+        return AdapterRegistry(store, spec, max_rank=64, cache_bytes=2**24)
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
+    engine = Engine(core)
     try:
         registry.register("v", config, weights)
         result = asyncio.run(engine.generate(greedy_request(PROMPT, "v", TOKENS)))

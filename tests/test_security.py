@@ -30,7 +30,8 @@ from loraplex.v1 import admin_pb2 as apb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
-from server.api.auth import Tokens, server_credentials
+from server.api.auth import server_credentials
+from server.serving import Tokens
 from server.config import ServerConfig
 from tests.certificates import write_certificates
 from tests.engine_helpers import make_core
@@ -74,13 +75,16 @@ def secured(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
     sources, markers = root / "sources", root / "markers"
     markers.mkdir()
     shutil.copytree(tiny_adapter_dirs["attn-r4"], sources / "good")
-    core = make_core(tiny_model_dir, {}, max_slots=2)
-    registry = AdapterRegistry(AdapterStore(root / "store"), core.model.spec, max_rank=64,
+    def open_registry(spec):
+        return AdapterRegistry(AdapterStore(root / "store"), spec, max_rank=64,
                                cache_bytes=16 << 20, allowed_roots=[sources],
                                max_adapter_bytes=MAX_ADAPTER_BYTES)
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    registry = core.registry
     registry.register("kept", (sources / "good" / CONFIG_FILE).read_bytes(),
                       (sources / "good" / WEIGHTS_FILE).read_bytes())
-    with serving(core, registry, tokens=Tokens(admin=b"admin-token",
+    with serving(core, tokens=Tokens(admin=b"admin-token",
                                                inference=b"inference-token")) as (channel, _):
         yield channel, registry, sources, markers
     registry.close()

@@ -1,7 +1,7 @@
 """The Admin gRPC service: upload, register, inspect, pin and delete adapters while serving.
 
 Store writes (fsync) and loads run on threads, never on the event loop. Errors are the
-registry's own exceptions; the error interceptor in server/api/grpc_server.py maps them to status
+registry's own exceptions; the error interceptor (server/api/grpc_errors.py) maps them to status
 codes.
 """
 
@@ -16,8 +16,9 @@ from adapters_registry.peft_format import MAX_CONFIG_BYTES
 from adapters_registry.registry import AdapterRegistry, AdapterStatus
 from adapters_registry.store import check_name
 from loraplex.v1 import admin_pb2, admin_pb2_grpc
-from server.tools.cost import CostReport, stored_cost
-from server.engine.sampler import InvalidRequest
+from server.errors import InvalidRequest
+from server.model.memory import CostReport, stored_cost
+from server.serving import Backend
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -25,8 +26,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, backend):
-        """`backend` (server.api.grpc_server.Backend) gives the engine and registry once loaded."""
+    def __init__(self, backend: Backend):
         self.backend = backend
 
     @property
@@ -148,11 +148,10 @@ def _rank_and_targets(config_json: bytes) -> tuple[int, list[str]]:
     return max(ranks), [targets] if isinstance(targets, str) else sorted(targets)
 
 
-def server_info(backend) -> admin_pb2.ServerInfo:
+def server_info(backend: Backend) -> admin_pb2.ServerInfo:
     ready = backend.ready()
-    core, registry = ready.engine.core, ready.registry
+    core, registry, stats = ready.core, ready.registry, ready.engine.stats
     statuses = registry.resident()
-    slots = core.slots
     return admin_pb2.ServerInfo(
         version=_loraplex_version(), base_model=core.model.name,
         model_type=core.model.config.model_type, quantization=core.model.quantize,
@@ -166,10 +165,9 @@ def server_info(backend) -> admin_pb2.ServerInfo:
             host_adapter_limit_bytes=registry.cache.max_bytes,
             store_bytes=registry.store.total_bytes()),
         adapters_stored=len(registry.store), adapters_in_host_memory=len(statuses),
-        adapters_in_slots=len(slots.slot_of),
+        adapters_in_slots=stats.slots_in_use,
         adapters_pinned=sum(state.pinned for state in statuses.values()),
-        running_requests=len(core.scheduler.running),
-        waiting_requests=len(core.scheduler.waiting),
+        running_requests=stats.running, waiting_requests=stats.waiting,
         cost=_cost_explainer(stored_cost(ready.cost, registry)))
 
 

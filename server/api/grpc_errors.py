@@ -1,47 +1,30 @@
 """Domain errors -> gRPC status codes, in one interceptor for every service.
 
 A servicer raises the engine's or the registry's own exception; the interceptor aborts the call
-with the matching code and the exception's message. Anything else is a bug and becomes INTERNAL
-(grpc's default), with its traceback in the server log.
+with the status of its kind (server/errors.py) and the exception's message. Anything else is a
+bug and becomes INTERNAL (grpc's default), with its traceback in the server log.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from adapters_registry.peft_format import AdapterFormatError
-from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError
-from adapters_registry.sources import SourceUnavailableError
-from adapters_registry.store import (AdapterCorruptError, InvalidContentError, InvalidNameError,
-                                     UnknownAdapterError)
-from server.engine.core import Overloaded, UnknownAdapter
-from server.engine.sampler import InvalidRequest
+from server.errors import DOMAIN_ERRORS, ErrorKind, InvalidRequest, kind_of
 
-
-class NotReady(RuntimeError):
-    """The server is up but the model is still loading."""
-
-
-# First match wins: subclasses before their bases.
-STATUS_OF = {
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidNameError: grpc.StatusCode.INVALID_ARGUMENT,
-    SourceUnavailableError: grpc.StatusCode.UNAVAILABLE,  # the storage's fault: retry later
-    AdapterFormatError: grpc.StatusCode.INVALID_ARGUMENT,  # a bad adapter or source
-    UnknownAdapter: grpc.StatusCode.NOT_FOUND,
-    UnknownAdapterError: grpc.StatusCode.NOT_FOUND,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    AdapterCacheFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION,
-    AdapterCorruptError: grpc.StatusCode.FAILED_PRECONDITION,
-    InvalidContentError: grpc.StatusCode.FAILED_PRECONDITION,  # e.g. a version not above the last
+GRPC_STATUS = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
-DOMAIN_ERRORS = tuple(STATUS_OF)
 
 
 def status_of(exc: Exception) -> grpc.StatusCode:
-    return next(code for kind, code in STATUS_OF.items() if isinstance(exc, kind))
+    """The status of a domain error (one of DOMAIN_ERRORS)."""
+    return GRPC_STATUS[kind_of(exc)]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

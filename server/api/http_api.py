@@ -4,8 +4,8 @@
 `stream: true`), plus `/health` and `/metrics`. `model` is the base model's name or an adapter's.
 Requests go through the same `Engine` as gRPC, so they count in the same metrics and request log.
 
-Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; domain errors get
-the HTTP status matching their gRPC status (server/api/grpc_errors.py). A client that disconnects
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; a domain error's
+kind (server/errors.py) picks its HTTP status, type and code in `HTTP_ERRORS`. A client that disconnects
 cancels its generation, streamed or not. Defaults follow the OpenAI API, not the gRPC API:
 temperature 1, and for chat, max_tokens up to the context length.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import socket
 import ssl
@@ -23,7 +22,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
-import grpc
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,30 +30,28 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from adapters_registry.store import InvalidNameError, UnknownAdapterError
+from adapters_registry.store import InvalidNameError
 from server.engine.async_engine import Engine
-from server.api.auth import Tokens
-from server.config import ConfigError
-from server.engine.core import (FinishReason, GenerationRequest, RequestOutput, UnknownAdapter,
-                           render_chat)
-from server.api.grpc_errors import DOMAIN_ERRORS, status_of
-from server.engine.sampler import InvalidRequest, SamplingParams
+from server.engine.core import FinishReason, GenerationRequest, RequestOutput, render_chat
+from server.engine.sampler import SamplingParams
+from server.errors import DOMAIN_ERRORS, ConfigError, ErrorKind, InvalidRequest, kind_of
+from server.serving import Backend, Tokens, check_bearer
 
 T = TypeVar("T")
 
-# gRPC status of a domain error -> HTTP status, OpenAI error type, error code. The code is
-# OpenAI's where it has one, else the gRPC status name.
-HTTP_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_argument"),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "resource_exhausted"),
+# A domain error's kind -> HTTP status, OpenAI error type, error code. The code is OpenAI's
+# where it has one, else the gRPC status name.
+HTTP_ERRORS = {
+    ErrorKind.INVALID: (400, "invalid_request_error", "invalid_argument"),
+    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    ErrorKind.OVERLOADED: (429, "rate_limit_error", "resource_exhausted"),
     # A stored adapter that cannot be loaded: the request is well-formed, the model is unusable.
-    grpc.StatusCode.FAILED_PRECONDITION: (422, "invalid_request_error", "failed_precondition"),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "invalid_request_error", "permission_denied"),
+    ErrorKind.FAILED_PRECONDITION: (422, "invalid_request_error", "failed_precondition"),
+    ErrorKind.UNAVAILABLE: (503, "server_error", "unavailable"),
+    ErrorKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorKind.PERMISSION_DENIED: (403, "invalid_request_error", "permission_denied"),
 }
-FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",
+OPENAI_FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",
                   FinishReason.EOS: "stop"}
 # OpenAI fields loraplex cannot honour -> the values meaning "not used" (None always does).
 UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
@@ -130,21 +126,18 @@ class ChatBody(_Sampling):
 
 # ---- the app ---------------------------------------------------------------------------------
 
-def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> FastAPI:
-    """`backend`: server.api.grpc_server.Backend (its engine and registry, once loaded)."""
+def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> FastAPI:
+    """The app over `backend` (its engine and registry, once loaded)."""
     app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tokens))])
 
     @v1.get("/models")
     async def models():
         ready = backend.ready()
-        model = ready.engine.core.model
+        model = ready.core.model
         created = int(model.model_dir.stat().st_mtime)
-        if ready.registry is not None:
-            adapters = [(r.name, int(r.created_at)) for r in ready.registry.store.list()
-                        if r.error is None]
-        else:
-            adapters = [(name, created) for name in sorted(ready.engine.core.adapters)]
+        adapters = [(r.name, int(r.created_at)) for r in ready.registry.store.list()
+                    if r.error is None]
         return {"object": "list", "data": [
             {"id": model.name, "object": "model", "created": created, "owned_by": "loraplex"},
             *({"id": name, "object": "model", "created": at, "owned_by": "loraplex",
@@ -161,7 +154,7 @@ def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> 
         tokenizer = engine.core.tokenizer
 
         def choice(text, ids, lps, finish):
-            return {"index": 0, "text": text, "finish_reason": finish and FINISH_REASONS[finish],
+            return {"index": 0, "text": text, "finish_reason": finish and OPENAI_FINISH_REASONS[finish],
                     "logprobs": _completion_logprobs(tokenizer, ids, lps) if logprobs else None}
 
         if not body.stream:
@@ -201,7 +194,7 @@ def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> 
             return {**head, "object": "chat.completion", "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": r.text},
                 "logprobs": logprobs(r.token_ids, r.logprobs),
-                "finish_reason": FINISH_REASONS[r.finish_reason]}], "usage": _usage(r)}
+                "finish_reason": OPENAI_FINISH_REASONS[r.finish_reason]}], "usage": _usage(r)}
 
         head["object"] = "chat.completion.chunk"
         first = True
@@ -214,7 +207,7 @@ def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> 
             yield {**head, "choices": [{
                 "index": 0, "delta": delta,
                 "logprobs": logprobs(out.new_token_ids, out.new_logprobs),
-                "finish_reason": out.finish_reason and FINISH_REASONS[out.finish_reason]}],
+                "finish_reason": out.finish_reason and OPENAI_FINISH_REASONS[out.finish_reason]}],
                 **_usage_field(body)}
             if out.finished and _include_usage(body):
                 yield {**head, "choices": [], "usage": _usage(out)}
@@ -238,23 +231,13 @@ def create_app(backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> 
 
 def _authorizer(tokens: Tokens) -> Callable[[Request], Awaitable[None]]:
     """The inference token (or the admin token) as `Authorization: Bearer`, when one is set."""
-    accepted = [t for t in (tokens.inference, tokens.admin) if t] if tokens.inference else []
-
     async def authorize(request: Request) -> None:
-        if not accepted:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing 'Authorization: Bearer <token>' header",
-                           code="invalid_api_key")
-        presented = token.strip().encode()
-        if not any([hmac.compare_digest(presented, t) for t in accepted]):
-            raise ApiError(401, "invalid bearer token", code="invalid_api_key")
+        check_bearer(request.headers.get("authorization"), tokens, admin=False)
 
     return authorize
 
 
-def _resolve(backend, body: _Sampling) -> tuple[Engine, str | None]:
+def _resolve(backend: Backend, body: _Sampling) -> tuple[Engine, str | None]:
     """The engine, and the adapter `body.model` names (None: the base model); refuses what
     loraplex does not support."""
     engine = backend.ready().engine
@@ -273,7 +256,9 @@ def _model_errors(model: str, engine: Engine) -> Iterator[None]:
     """An unknown adapter (or a name no adapter can have) is an unknown model: 404."""
     try:
         yield
-    except (UnknownAdapter, UnknownAdapterError, InvalidNameError) as exc:
+    except DOMAIN_ERRORS as exc:
+        if kind_of(exc) is not ErrorKind.NOT_FOUND and not isinstance(exc, InvalidNameError):
+            raise
         raise ApiError(404, f"model {model!r} does not exist: it is neither the base model "
                             f"{engine.core.model.name!r} nor a stored adapter", param="model",
                        code="model_not_found") from exc
@@ -312,17 +297,13 @@ def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
 
 
 def _sampling(body: _Sampling, max_tokens: int, logprobs: bool) -> SamplingParams:
-    defaults = SamplingParams()
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return SamplingParams(
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return SamplingParams.given(
         max_new_tokens=max_tokens,
         temperature=OPENAI_TEMPERATURE if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0, seed=body.seed, stop=stop,
-        stop_token_ids=list(body.stop_token_ids or []),
-        repetition_penalty=(defaults.repetition_penalty if body.repetition_penalty is None
-                            else body.repetition_penalty),
-        logprobs=logprobs, ignore_eos=bool(body.ignore_eos))
+        top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
+        stop_token_ids=body.stop_token_ids, repetition_penalty=body.repetition_penalty,
+        logprobs=logprobs, ignore_eos=body.ignore_eos)
 
 
 def _check_finished(finish_reason: str) -> None:
@@ -443,7 +424,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(exc)
 
     async def domain_error(request, exc: Exception):
-        status, kind, code = HTTP_OF[status_of(exc)]
+        status, kind, code = HTTP_ERRORS[kind_of(exc)]
         return _error_response(ApiError(status, str(exc), kind, code=code))
 
     for kind in DOMAIN_ERRORS:

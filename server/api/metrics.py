@@ -2,9 +2,11 @@
 
 Two kinds of source:
 - events: the engine's `RequestRecord` per request (`Metrics.observe`), and the registry's and
-  the slot table's load timings, feed counters and histograms as they happen;
+  the engine's slot-write timings, feed counters and histograms as they happen;
 - state: running and waiting sequences, KV-cache use, adapter tiers and their cumulative
-  counters are read at scrape time by a collector, so the step loop never updates a gauge.
+  counters are read at scrape time by a collector, from the snapshot the engine's loop thread
+  publishes after each step (`Engine.stats`) and from the registry, so the step loop never
+  updates a gauge.
 
 Per-adapter series have bounded cardinality (`AdapterLabels`). With `--vllm-metrics`, the series
 the Kubernetes Gateway API Inference Extension's endpoint picker reads from vLLM are exported
@@ -22,7 +24,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.async_engine import RequestRecord
-from server.tools.cost import stored_cost
+from server.engine.core import EngineCore
+from server.engine.stats import EngineStats
+from server.errors import ErrorKind
+from server.model.memory import stored_cost
+from server.serving import Backend
 
 BASE_LABEL = "_base"  # the base model (adapter names cannot start with '_')
 OTHER_LABEL = "_other"  # adapters outside the top K (an adapter may be named "other")
@@ -30,6 +36,21 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+REFUSAL_OUTCOMES = {
+    ErrorKind.INVALID: "invalid",
+    ErrorKind.NOT_FOUND: "unknown_adapter",
+    ErrorKind.OVERLOADED: "overloaded",
+    ErrorKind.UNAVAILABLE: "unavailable",
+    ErrorKind.FAILED_PRECONDITION: "adapter_unavailable",
+    ErrorKind.UNAUTHENTICATED: "unauthenticated",
+    ErrorKind.PERMISSION_DENIED: "permission_denied",
+}
+
+
+def outcome(record: RequestRecord) -> str:
+    """A finish reason (length, stop, eos, cancelled), why the request was refused, or "error"
+    (a bug)."""
+    return record.finish_reason or REFUSAL_OUTCOMES.get(record.refusal, "error")
 
 
 class AdapterLabels:
@@ -64,8 +85,8 @@ class AdapterLabels:
 
 
 class Metrics:
-    def __init__(self, backend, *, top_adapters: int = 20, vllm_metrics: bool = False):
-        """`backend`: server.api.grpc_server.Backend, read at scrape time once the model is loaded."""
+    def __init__(self, backend: Backend, *, top_adapters: int = 20, vllm_metrics: bool = False):
+        """`backend` is read at scrape time once the model is loaded."""
         self.registry = CollectorRegistry()
         self.adapter_labels = AdapterLabels(top_adapters)
         r = self.registry
@@ -105,7 +126,7 @@ class Metrics:
     def observe(self, record: RequestRecord) -> None:
         """Counts every request by outcome; the rest only for requests that ran (a refused one
         has no latency worth a bucket, and its adapter name may not exist)."""
-        self.requests.labels(record.outcome).inc()
+        self.requests.labels(outcome(record)).inc()
         if record.queue_seconds is None:
             return
         label = self.adapter_labels.label(record.adapter)
@@ -121,11 +142,10 @@ class Metrics:
         self.adapter_prompt_tokens.labels(label).inc(record.prompt_tokens)
         self.adapter_generation_tokens.labels(label).inc(record.completion_tokens)
 
-    def watch_loads(self, registry, slots) -> None:
-        """Times each store -> RAM load of `registry` and slot write of `slots`."""
-        if registry is not None:
-            registry.load_observer = self.load_seconds.labels("host").observe
-        slots.write_observer = self.load_seconds.labels("device").observe
+    def watch_loads(self, core: EngineCore) -> None:
+        """Times each store -> RAM load of the core's registry and each slot write."""
+        core.registry.load_observer = self.load_seconds.labels("host").observe
+        core.slot_write_observer = self.load_seconds.labels("device").observe
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -134,29 +154,25 @@ class Metrics:
 class _StateCollector(Collector):
     """Gauges and cumulative counters read from the engine and registry at scrape time."""
 
-    def __init__(self, backend, vllm_metrics: bool):
+    def __init__(self, backend: Backend, vllm_metrics: bool):
         self.backend = backend
         self.vllm_metrics = vllm_metrics
 
     def collect(self):
-        try:
-            ready = self.backend.ready()
-        except Exception:  # still loading: nothing to report yet
+        if not self.backend.is_ready:  # still loading: nothing to report yet
             return
-        core, registry = ready.engine.core, ready.registry
-        # Snapshots taken in one C call each: the step loop may change these meanwhile.
-        running, waiting = tuple(core.scheduler.running), tuple(core.scheduler.waiting)
-        kv_usage = 1 - core.kv.allocator.num_free / core.kv.num_blocks
+        ready = self.backend.ready()
+        stats, registry = ready.engine.stats, ready.registry
         yield GaugeMetricFamily("loraplex_num_requests_running",
-                                "Sequences in the running batch.", value=len(running))
+                                "Sequences in the running batch.", value=stats.running)
         yield GaugeMetricFamily("loraplex_num_requests_waiting",
-                                "Sequences waiting for the running batch.", value=len(waiting))
+                                "Sequences waiting for the running batch.", value=stats.waiting)
         yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio",
-                                "Fraction of KV-cache blocks in use (0-1).", value=kv_usage)
+                                "Fraction of KV-cache blocks in use (0-1).", value=stats.kv_usage)
         yield from _cost_series(ready.cost, registry)
-        yield from _tier_series(core.slots, registry)
+        yield from _tier_series(stats, registry)
         if self.vllm_metrics:
-            yield from _vllm_series(core, running, waiting, kv_usage)
+            yield from _vllm_series(stats, ready.core.config.max_slots)
 
 
 def _cost_series(base, registry):
@@ -170,18 +186,17 @@ def _cost_series(base, registry):
     yield GaugeMetricFamily("loraplex_full_copy_bytes",
                             "Bytes of one fully fine-tuned copy of the base at its checkpoint's "
                             "precision.", value=base.full_copy_bytes)
-    if registry is not None:
-        report = stored_cost(base, registry)
-        n = len(report.adapter_bytes)
-        yield GaugeMetricFamily("loraplex_serving_bytes",
-                                "Base as served + slot tables + every stored adapter.",
-                                value=report.loraplex_bytes(n))
-        yield GaugeMetricFamily("loraplex_full_copies_bytes",
-                                "What one fully fine-tuned copy per stored adapter would take.",
-                                value=report.full_copies_bytes(n))
+    report = stored_cost(base, registry)
+    n = len(report.adapter_bytes)
+    yield GaugeMetricFamily("loraplex_serving_bytes",
+                            "Base as served + slot tables + every stored adapter.",
+                            value=report.loraplex_bytes(n))
+    yield GaugeMetricFamily("loraplex_full_copies_bytes",
+                            "What one fully fine-tuned copy per stored adapter would take.",
+                            value=report.full_copies_bytes(n))
 
 
-def _tier_series(slots, registry):
+def _tier_series(stats: EngineStats, registry):
     """Adapter cache counters and residency by tier: device (slots), host (RAM), store (disk)."""
     families = {
         "loads": CounterMetricFamily("loraplex_adapter_cache_loads",
@@ -201,43 +216,40 @@ def _tier_series(slots, registry):
     resident_bytes = GaugeMetricFamily("loraplex_adapter_resident_bytes",
                                        "Bytes of adapters in a tier (device: the slot tables, "
                                        "reserved up front).", labels=["tier"])
-    families["loads"].add_metric(["device"], slots.loads)
-    families["hits"].add_metric(["device"], slots.hits)
-    families["misses"].add_metric(["device"], slots.loads)
-    families["evictions"].add_metric(["device"], slots.evictions)
-    resident.add_metric(["device"], len(slots.slot_of))
-    if registry is not None:
-        cache = registry.cache
-        families["loads"].add_metric(["host"], registry.loads)
-        families["hits"].add_metric(["host"], cache.hits)
-        families["misses"].add_metric(["host"], cache.misses)
-        families["evictions"].add_metric(["host"], cache.evictions)
-        resident.add_metric(["host"], len(registry.resident()))
-        resident_bytes.add_metric(["host"], cache.used_bytes)
-        resident.add_metric(["store"], len(registry.store))
-        resident_bytes.add_metric(["store"], registry.store.total_bytes())
-        yield CounterMetricFamily("loraplex_adapter_load_failures",
-                                  "Store -> host RAM loads that failed.",
-                                  value=registry.load_failures)
+    families["loads"].add_metric(["device"], stats.slot_loads)
+    families["hits"].add_metric(["device"], stats.slot_hits)
+    families["misses"].add_metric(["device"], stats.slot_loads)
+    families["evictions"].add_metric(["device"], stats.slot_evictions)
+    resident.add_metric(["device"], stats.slots_in_use)
+    cache = registry.cache
+    families["loads"].add_metric(["host"], registry.loads)
+    families["hits"].add_metric(["host"], cache.hits)
+    families["misses"].add_metric(["host"], cache.misses)
+    families["evictions"].add_metric(["host"], cache.evictions)
+    resident.add_metric(["host"], len(registry.resident()))
+    resident_bytes.add_metric(["host"], cache.used_bytes)
+    resident.add_metric(["store"], len(registry.store))
+    resident_bytes.add_metric(["store"], registry.store.total_bytes())
+    yield CounterMetricFamily("loraplex_adapter_load_failures",
+                              "Store -> host RAM loads that failed.",
+                              value=registry.load_failures)
     yield from families.values()
     yield resident
     yield resident_bytes
 
 
-def _vllm_series(core, running: tuple, waiting: tuple, kv_usage: float):
+def _vllm_series(stats: EngineStats, max_slots: int):
     """The vLLM series the Gateway API Inference Extension's endpoint picker scrapes."""
     yield GaugeMetricFamily("vllm:num_requests_running", "Requests running (vLLM name).",
-                            value=len(running))
+                            value=stats.running)
     yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (vLLM name).",
-                            value=len(waiting))
+                            value=stats.waiting)
     for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
-        yield GaugeMetricFamily(name, "KV-cache usage, 0-1 (vLLM name).", value=kv_usage)
-    running_adapters = sorted({s.adapter.key.name for s in running if s.adapter})
-    waiting_adapters = sorted({s.adapter.key.name for s in waiting if s.adapter})
+        yield GaugeMetricFamily(name, "KV-cache usage, 0-1 (vLLM name).", value=stats.kv_usage)
     info = GaugeMetricFamily("vllm:lora_requests_info",
                              "Adapters of running and waiting requests; the value is the time "
                              "of this report (vLLM name).",
                              labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-    info.add_metric([",".join(running_adapters), ",".join(waiting_adapters),
-                     str(core.config.max_slots)], time.time())
+    info.add_metric([",".join(stats.running_adapters), ",".join(stats.waiting_adapters),
+                     str(max_slots)], time.time())
     yield info

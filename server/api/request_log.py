@@ -6,6 +6,7 @@ import json
 import logging
 import time
 
+from server.api.metrics import outcome
 from server.engine.async_engine import RequestRecord
 
 log = logging.getLogger("loraplex.requests")
@@ -15,7 +16,7 @@ def log_request(record: RequestRecord) -> None:
     """`request r12 adapter=sql outcome=length prompt_tokens=5 ... total_ms=812.4`; with the
     JSON format the same fields are keys of the line's object."""
     fields = {"request_id": record.request_id, "adapter": record.adapter or "",
-              "outcome": record.outcome, "prompt_tokens": record.prompt_tokens,
+              "outcome": outcome(record), "prompt_tokens": record.prompt_tokens,
               "completion_tokens": record.completion_tokens,
               "queue_ms": _ms(record.queue_seconds), "ttft_ms": _ms(record.ttft_seconds),
               "total_ms": _ms(record.e2e_seconds)}

@@ -1,60 +1,53 @@
 """The device slot table: which adapter version sits in which slot, who uses it, what to evict.
 
-A small explicit state machine. A slot is FREE (never loaded or cleared), BUSY (an adapter
-version with refs > 0: running sequences use it) or IDLE (loaded, refs == 0, evictable in LRU
-order). Slots are keyed by the registry's `AdapterKey` (name, version, content digest), so a replaced
-adapter's old version keeps serving the sequences that started on it while new sequences get the
-new version in another slot. `acquire` takes the request's `AdapterLease`, which carries the
-weights to write when the version is not in a slot yet.
+A small explicit state machine, bookkeeping only: the engine writes the weights (server/engine/
+core.py, at admission). A slot is FREE (never used or dropped), BUSY (an adapter version with
+refs > 0: running sequences use it) or IDLE (holds a version, refs == 0, evictable in LRU
+order). Slots are keyed by the registry's `AdapterKey` (name, version, content digest), so a
+replaced adapter's old version keeps serving the sequences that started on it while new sequences
+get the new version in another slot.
+
+A freed or evicted slot is never cleared: the next write into it replaces everything it held.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from typing import Callable
+from dataclasses import dataclass
 
-from adapters_registry.host_cache import AdapterKey, AdapterLease
+from adapters_registry.host_cache import AdapterKey
+
+
+@dataclass(frozen=True)
+class Placement:
+    slot: int
+    needs_write: bool  # the version is not in the slot yet: the engine writes it before the step
+
 
 class AdapterSlots:
-    def __init__(self, max_slots: int, load: Callable[[int, AdapterLease], None],
-                 clear: Callable[[int], None]):
-        """`load(slot, lease)` writes an adapter version into a slot, replacing all it held;
-        `clear(slot)` zeroes it."""
+    def __init__(self, max_slots: int):
         self.max_slots = max_slots
-        self._load = load
-        self._clear = clear
         self.slot_of: dict[AdapterKey, int] = {}
         self.refs = [0] * max_slots
         self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out low slots first
         self._idle: OrderedDict[AdapterKey, int] = OrderedDict()  # least recently used first
-        self._retired: set[AdapterKey] = set()  # replaced or deleted, still busy
-        self.loads = 0  # = misses: acquires that had to write a slot
+        self._retired: set[AdapterKey] = set()  # replaced, deleted or failed to write; still busy
+        self.loads = 0  # = misses: acquires that need a slot write
         self.hits = 0  # acquires that found their version already in a slot
         self.evictions = 0
-        # Called with the seconds each slot write took (metrics); None = nobody listens.
-        self.write_observer: Callable[[float], None] | None = None
 
-    def acquire(self, lease: AdapterLease) -> int | None:
-        """Slot holding the lease's version with one more reference; loads it if needed.
+    def can_place(self, key: AdapterKey) -> bool:
+        """Whether `acquire(key)` would succeed now."""
+        return key in self.slot_of or self.free_slots() > 0
 
-        None: every slot is busy with other adapters.
-        """
-        key = lease.key
+    def acquire(self, key: AdapterKey) -> Placement | None:
+        """The slot for `key` with one more reference; None: every slot is busy with others."""
         slot = self.slot_of.get(key)
-        if slot is None:
+        needs_write = slot is None
+        if needs_write:
             slot = self._take_slot()
             if slot is None:
                 return None
-            start = time.perf_counter()
-            try:
-                self._load(slot, lease)
-            except BaseException:
-                self._clear(slot)  # a partial write: the slot goes back empty
-                self._free.append(slot)
-                raise
-            if self.write_observer is not None:
-                self.write_observer(time.perf_counter() - start)
             self.loads += 1
             self.slot_of[key] = slot
         else:
@@ -62,7 +55,7 @@ class AdapterSlots:
         self._idle.pop(key, None)
         self._retired.discard(key)  # only current versions are acquired (re-registered content)
         self.refs[slot] += 1
-        return slot
+        return Placement(slot, needs_write)
 
     def release(self, key: AdapterKey) -> None:
         slot = self.slot_of[key]
@@ -76,7 +69,8 @@ class AdapterSlots:
                 self._idle[key] = slot
 
     def retire(self, key: AdapterKey) -> None:
-        """The version was replaced or deleted: no new user; its slot frees when unused."""
+        """The version was replaced or deleted, or its write failed: no new user; its slot frees
+        when unused."""
         slot = self.slot_of.get(key)
         if slot is None:
             return
@@ -94,9 +88,7 @@ class AdapterSlots:
         return len(self._free) + len(self._idle)
 
     def _take_slot(self) -> int | None:
-        """A slot to write: a free one, else the least recently used idle one, evicted without
-        clearing (`load` replaces everything a slot holds; zeroing it first added ~70 % to the cost
-        of a write, paid on the engine's step)."""
+        """A slot to write: a free one, else the least recently used idle one (evicted)."""
         if self._free:
             return self._free.pop()
         if self._idle:
@@ -107,8 +99,6 @@ class AdapterSlots:
         return None
 
     def _drop(self, key: AdapterKey) -> None:
-        """Removes `key` from its slot, which is cleared and goes back to the free list."""
         slot = self.slot_of.pop(key)
         self._idle.pop(key, None)
-        self._clear(slot)
         self._free.append(slot)

@@ -3,10 +3,11 @@
 The step loop owns the core. Other threads talk to it through an inbox of commands, applied
 between steps, and receive outputs through their event loop (`call_soon_threadsafe`).
 
-With a registry, a request's adapter is leased before the request reaches the loop (a cold one is
-loaded on the registry's worker threads while the loop keeps stepping) and released when the
-request ends, however it ends. An observer (metrics, request logs) gets one `RequestRecord` per
-request, finished, cancelled or refused.
+A request's adapter is leased from the core's registry before the request reaches the loop (a
+cold one is loaded on the registry's worker threads while the loop keeps stepping); the core
+releases the lease when the request ends, however it ends. After every step the loop publishes
+an `EngineStats` snapshot (`Engine.stats`) for metrics and the admin API. An observer (metrics,
+request logs) gets one `RequestRecord` per request, finished, cancelled or refused.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from adapters_registry.host_cache import AdapterLease
-from adapters_registry.peft_format import LoraWeights
-from adapters_registry.registry import AdapterLoadError, AdapterRegistry
-from adapters_registry.store import UnknownAdapterError
-from server.engine.core import EngineCore, GenerationRequest, Overloaded, RequestOutput, UnknownAdapter
-from server.engine.sampler import InvalidRequest
+from server.engine.core import EngineCore, GenerationRequest, RequestOutput
+from server.engine.stats import EngineStats
 from server.engine.threads import loop_threads
+from server.errors import ErrorKind, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ class RequestRecord:
 
     request_id: str
     adapter: str | None
-    outcome: str  # a finish reason (length, stop, eos, cancelled) or why it was refused
+    finish_reason: str | None  # None: refused before it ran
+    refusal: ErrorKind | None = None  # why it was refused (None with no finish reason: a bug)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_seconds: float | None = None  # arrival in the engine to first scheduled
@@ -57,34 +57,25 @@ class RequestRecord:
     token_gaps: list[float] = field(default_factory=list)  # between consecutive tokens
 
 
-# Why a request was refused before it ran, by exception type (first match wins).
-REFUSALS = ((InvalidRequest, "invalid"), (UnknownAdapter, "unknown_adapter"),
-            (UnknownAdapterError, "unknown_adapter"), (Overloaded, "overloaded"),
-            (AdapterLoadError, "adapter_unavailable"), (Exception, "error"))
-
-
 @dataclass
 class _Tracked:
     """A request the loop thread is running: where its outputs go and what it holds."""
 
     sink: Callable[[RequestOutput], None]
-    lease: AdapterLease | None
     adapter: str | None
     submitted: float  # time.monotonic() when stream() was called
     token_times: list[float] = field(default_factory=list)
 
 
 class Engine:
-    def __init__(self, core: EngineCore, registry: AdapterRegistry | None = None,
+    def __init__(self, core: EngineCore,
                  observer: Callable[[RequestRecord], None] | None = None):
-        """Without a registry, requests may name only adapters resident in the core.
-
-        `observer` is called once per request, on the loop thread or the caller's event loop;
-        it must be quick and thread-safe.
-        """
+        """`observer` is called once per request, on the loop thread or the caller's event loop;
+        it must be quick and thread-safe."""
         self.core = core
-        self.registry = registry
+        self.registry = core.registry
         self.observer = observer
+        self.stats: EngineStats = core.stats()  # replaced by the loop thread after every step
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._requests: dict[str, _Tracked] = {}  # on the loop thread
@@ -92,8 +83,8 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
-        if registry is not None:
-            registry.add_listener(self._adapter_changed)
+        # A replaced or deleted adapter: wake the loop, whose next step frees stale slots.
+        self.registry.add_listener(lambda name: self._wake.set())
 
     # ---- public API -----------------------------------------------------------------------
 
@@ -131,14 +122,11 @@ class Engine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         def add() -> None:
-            try:
+            try:  # the core owns the lease from here, and releases it if it refuses
                 self.core.add_request(request, request_id, adapter=lease)
-                self._requests[request_id] = _Tracked(deliver, lease, request.adapter_id,
-                                                      submitted)
+                self._requests[request_id] = _Tracked(deliver, request.adapter_id, submitted)
                 loop.call_soon_threadsafe(_resolve, added, None)
             except Exception as exc:  # validation errors travel back to the caller
-                if lease is not None:
-                    self.registry.release(lease)
                 loop.call_soon_threadsafe(_resolve, added, exc)
 
         self._submit(add)
@@ -159,7 +147,7 @@ class Engine:
 
     async def _lease(self, request: GenerationRequest) -> AdapterLease | None:
         """The registry's lease on the request's adapter, waiting for a cold load if needed."""
-        if self.registry is None or not request.adapter_id:
+        if not request.adapter_id:
             return None
         future = self.registry.acquire(request.adapter_id)  # raises UnknownAdapterError now
         try:
@@ -171,24 +159,13 @@ class Engine:
     def _refused(self, request_id: str, request: GenerationRequest, submitted: float,
                  error: Exception) -> None:
         if self.observer is not None:
-            outcome = next(label for kind, label in REFUSALS if isinstance(error, kind))
-            self.observer(RequestRecord(request_id, request.adapter_id or None, outcome,
+            self.observer(RequestRecord(request_id, request.adapter_id or None, None,
+                                        refusal=kind_of(error),
                                         e2e_seconds=time.monotonic() - submitted))
 
     def _release_unused(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
             self.registry.release(future.result())
-
-    def _adapter_changed(self, name: str) -> None:
-        """Registry listener (any thread): free device slots of replaced or deleted versions."""
-        self._submit(lambda: self.core.retire_adapter(name, self.registry.current_key(name)))
-
-    def add_adapter(self, adapter_id: str, weights: LoraWeights) -> None:
-        """Thread-safe; takes effect before the next step."""
-        self._call(lambda: self.core.add_adapter(adapter_id, weights))
-
-    def remove_adapter(self, adapter_id: str) -> None:
-        self._call(lambda: self.core.remove_adapter(adapter_id))
 
     def close(self) -> None:
         """Stops the step loop; unfinished requests are cancelled."""
@@ -203,6 +180,7 @@ class Engine:
         while not self._stopping:
             self._drain_inbox()
             if not self.core.has_work():
+                self.stats = self.core.stats()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -214,7 +192,9 @@ class Engine:
                 continue
             for out in outputs:
                 self._emit(out)
+            self.stats = self.core.stats()
         self._fail_all()
+        self.stats = self.core.stats()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -227,26 +207,6 @@ class Engine:
     def _submit(self, command: Callable[[], None]) -> None:
         self._inbox.put(command)
         self._wake.set()
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        """Runs fn on the loop thread and waits for it; re-raises its exception here."""
-        if threading.current_thread() is self._thread:
-            fn()
-            return
-        done = threading.Event()
-        box: list[BaseException] = []
-
-        def command() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                box.append(exc)
-            done.set()
-
-        self._submit(command)
-        done.wait()
-        if box:
-            raise box[0]
 
     def _abort(self, request_id: str) -> None:
         """The caller left: cancel the request; nobody listens to its last output."""
@@ -267,9 +227,7 @@ class Engine:
         tracked.sink(out)
 
     def _end(self, tracked: _Tracked, last: RequestOutput) -> None:
-        """The request is over: its lease goes back to the registry, the observer hears of it."""
-        if tracked.lease is not None:
-            self.registry.release(tracked.lease)
+        """The request is over: the observer hears of it."""
         if self.observer is None:
             return
         times = tracked.token_times

@@ -2,47 +2,44 @@
 
 `EngineCore` is synchronous and single-threaded: `add_request`, `abort`, `step`. Tests drive it
 step by step. `Engine` (server/engine/async_engine.py) runs it on a thread for asyncio callers.
+
+Adapters come only from the registry, as leases: a request for an adapter holds a lease on one
+version of it from `add_request` until it ends. The registry may be the server's durable one or
+an in-memory one (tests, `loraplex generate`). Each step first admits sequences (the scheduler
+decides, the engine writes adapter versions new to their device slot), then runs one packed
+forward pass and samples.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from adapters_registry.host_cache import AdapterKey, AdapterLease
-from adapters_registry.peft_format import LoraWeights
+from adapters_registry.host_cache import AdapterLease
+from adapters_registry.registry import AdapterRegistry
+from adapters_registry.spec import BaseModelSpec
+from server.config import EngineConfig, RegistryConfig
 from server.engine.adapter_slots import AdapterSlots
-from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
-from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
-from server.lora.layer import LoraContext, wrap_lora_targets
-from server.model.loading import LoadedModel
-from server.model.step import ModelRunner, SeqChunk, build_step_inputs
-from server.engine.sampler import InvalidRequest, SampleRow, SamplingParams, make_generator, sample
+from server.engine.sampler import SampleRow, SamplingParams, make_generator, sample
 from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
+from server.engine.stats import EngineStats
+from server.errors import ConfigError, InvalidRequest, Overloaded
+from server.lora.layer import LoraContext, wrap_lora_targets
+from server.lora.op import select_kernel
+from server.model.loading import DTYPES, LoadedModel
+from server.model.step import ModelRunner, SeqChunk, build_step_inputs
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UnknownAdapter(KeyError):
-    """The request names an adapter the engine does not have."""
-
-    def __str__(self) -> str:
-        return f"adapter {self.args[0]!r} is not loaded"
-
-
-class Overloaded(RuntimeError):
-    """The waiting queue is full (--max-queue); the caller should retry later."""
-
 
 class FinishReason:
     LENGTH = "length"  # max_new_tokens or the model's context length reached
@@ -88,62 +85,36 @@ class _Live:
 
 
 class EngineCore:
-    def __init__(self, model: LoadedModel, config: EngineConfig):
+    def __init__(self, model: LoadedModel, config: EngineConfig, registry: AdapterRegistry):
+        """`registry` must validate adapters against `model` with `config.max_rank`."""
         self.model = model
         self.config = config
+        self.registry = registry
         self.tokenizer = model.tokenizer
-        self.lora = LoraContext()
+        # The LoRA kernel is chosen (and the CPU one built) now, never in a request.
+        self.lora = LoraContext(select_kernel(config.lora_kernel, model.device))
         self.layers = wrap_lora_targets(model.hf, self.lora, max_slots=config.max_slots,
                                         max_rank=config.max_rank,
                                         dtype=DTYPES[config.lora_dtype], device=model.device,
                                         compute_dtype=model.dtype)
         self.kv = _make_kv_cache(model, config)
         self.max_model_len = _max_model_len(model, config, self.kv)
-        # Resident adapters, held in RAM by the core itself (tests, `loraplex generate`); the
-        # server passes registry leases to add_request instead.
-        self.adapters: dict[str, AdapterLease] = {}
-        self._versions = itertools.count(1)
-        self.slots = AdapterSlots(config.max_slots, load=self._load_slot,
-                                  clear=self.layers.clear)
+        self.slots = AdapterSlots(config.max_slots)
         self.scheduler = Scheduler(self.kv, self.slots, max_batch_size=config.max_batch_size,
                                    max_step_tokens=config.max_step_tokens)
         self.runner = ModelRunner(model.hf, self.kv, self.lora)
-        if model.device.type == "cpu" and lora_op.KERNEL != "torch":
-            lora_cpu_kernel.load()  # build or load the C++ kernel now, not in the first request
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
+        # Names of adapters the registry replaced or deleted (from any thread); their stale
+        # versions' slots are retired at the next step.
+        self._changed: queue.SimpleQueue[str] = queue.SimpleQueue()
+        registry.add_listener(self._changed.put)
         # Called after each model step with (request ids, logits [N, vocab]); for tests and
         # debugging, None in service.
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
-
-    # ---- adapters -------------------------------------------------------------------------
-
-    def add_adapter(self, adapter_id: str, weights: LoraWeights) -> None:
-        """Makes `adapter_id` resident; replaces a previous version (running requests keep it)."""
-        lease = AdapterLease(AdapterKey(adapter_id, next(self._versions), "resident"), weights)
-        self._check_rank(lease)
-        old = self.adapters.get(adapter_id)
-        self.adapters[adapter_id] = lease
-        if old is not None:
-            self.slots.retire(old.key)
-
-    def remove_adapter(self, adapter_id: str) -> None:
-        """New requests for it fail; requests already running finish on the version they have."""
-        self.slots.retire(self.adapters.pop(adapter_id).key)
-
-    def retire_adapter(self, name: str, current: AdapterKey | None) -> None:
-        """The registry replaced or deleted `name`: frees its other versions' device slots as
-        soon as no running request uses them."""
-        self.slots.retire_stale(name, current)
-
-    def _check_rank(self, lease: AdapterLease) -> None:
-        if lease.weights.rank > self.config.max_rank:
-            raise InvalidRequest(f"adapter {lease.key.name!r} has rank {lease.weights.rank}, "
-                                 f"above --max-rank {self.config.max_rank}")
-
-    def _load_slot(self, slot: int, lease: AdapterLease) -> None:
-        self.layers.write(slot, lease.weights)
+        # Called with the seconds each adapter slot write took (metrics); None in tests.
+        self.slot_write_observer: Callable[[float], None] | None = None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -151,10 +122,21 @@ class EngineCore:
                     adapter: AdapterLease | None = None) -> str:
         """Validates and queues a request; it joins the running batch at the next step.
 
-        `adapter`: the registry's lease on `request.adapter_id` (the caller releases it after the
-        request ends); without one, the adapter must be resident (`add_adapter`).
+        `adapter`: a lease on `request.adapter_id`, which the core releases when the request ends
+        (or is refused here). Without one, the core leases the adapter itself, waiting while a
+        cold one loads: the async Engine leases off the loop thread and passes the lease.
         """
-        request_id = request_id or f"req-{next(self._ids)}"
+        if request.adapter_id and adapter is None:
+            adapter = self.registry.acquire(request.adapter_id).result()
+        try:
+            return self._add(request, request_id or f"req-{next(self._ids)}", adapter)
+        except BaseException:
+            if adapter is not None:
+                self.registry.release(adapter)
+            raise
+
+    def _add(self, request: GenerationRequest, request_id: str,
+             adapter: AdapterLease | None) -> str:
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise Overloaded(f"server overloaded: {len(self.scheduler.waiting)} requests are "
                              f"waiting (--max-queue {self.config.max_queue}); retry later")
@@ -165,7 +147,7 @@ class EngineCore:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                                  f"({params.max_new_tokens}) exceeds the maximum sequence length "
                                  f"{self.max_model_len}")
-        adapter = self._adapter_for(request, adapter)
+        self._check_adapter(request, adapter)
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -176,32 +158,37 @@ class EngineCore:
         self.scheduler.add(seq)
         return request_id
 
-    def _adapter_for(self, request: GenerationRequest, lease: AdapterLease | None
-                     ) -> AdapterLease | None:
+    def _check_adapter(self, request: GenerationRequest, lease: AdapterLease | None) -> None:
         if not request.adapter_id:
             if lease is not None:
                 raise InvalidRequest("an adapter lease was given for a base-model request")
-            return None
-        if lease is None:
-            lease = self.adapters.get(request.adapter_id)
-            if lease is None:
-                raise UnknownAdapter(request.adapter_id)
-        elif lease.key.name != request.adapter_id:
+            return
+        if lease.key.name != request.adapter_id:
             raise InvalidRequest(f"the lease is for adapter {lease.key.name!r}, the request names "
                                  f"{request.adapter_id!r}")
-        self._check_rank(lease)
-        return lease
+        if lease.weights.rank > self.config.max_rank:
+            raise InvalidRequest(f"adapter {lease.key.name!r} has rank {lease.weights.rank}, "
+                                 f"above --max-rank {self.config.max_rank}")
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Cancels a request, freeing its KV blocks and adapter slot reference at once."""
+        """Cancels a request, freeing its KV blocks, adapter slot reference and lease at once."""
         live = self._live.pop(request_id, None)
         if live is None:
             return None
-        self.scheduler.finish(live.seq)
+        self._finish(live.seq)
         return self._output(live, [], "", [], FinishReason.CANCELLED)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or not self._changed.empty()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the scheduler, KV cache and slot table (call on the core's thread)."""
+        return EngineStats.of(self.scheduler, self.kv, self.slots)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if seq.adapter is not None:
+            self.registry.release(seq.adapter)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         given = [request.prompt, request.prompt_token_ids, request.messages]
@@ -224,9 +211,11 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Runs one packed forward over every scheduled sequence; returns the new outputs."""
+        self._retire_changed_adapters()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        self._write_new_slots(scheduled)
         chunks = [_chunk(c) for c in scheduled]
         inputs = build_step_inputs(chunks, self.kv, self.runner.windows, self.model.device)
         # [N, vocab], N = chunks that need logits; sampled on the CPU with per-sequence generators
@@ -242,22 +231,43 @@ class EngineCore:
         return [self._append_token(seq, token, logprob)
                 for seq, token, logprob in zip(sampling, tokens, logprobs)]
 
+    def _retire_changed_adapters(self) -> None:
+        """Frees the device slots of replaced or deleted versions once no request uses them."""
+        while not self._changed.empty():
+            name = self._changed.get()
+            self.slots.retire_stale(name, self.registry.current_key(name))
+
+    def _write_new_slots(self, scheduled: list[ScheduledChunk]) -> None:
+        """Admission: writes each adapter version placed in a slot that does not hold it yet
+        (and computes a DoRA adapter's magnitude factors against the served weights)."""
+        for c in scheduled:
+            if not c.writes_slot:
+                continue
+            start = time.perf_counter()
+            try:
+                self.layers.write(c.seq.slot, c.seq.adapter.weights)
+            except BaseException:
+                self.slots.retire(c.seq.adapter.key)  # half written: never hand it out again
+                raise
+            if self.slot_write_observer is not None:
+                self.slot_write_observer(time.perf_counter() - start)
+
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         live = self._live[seq.request_id]
-        now = time.monotonic()
-        seq.first_token_time = seq.first_token_time or now
         seq.output_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         reason = self._finish_reason(seq, token)
         text = "" if reason in (FinishReason.STOP, FinishReason.EOS) else live.detok.add(token)
+        if reason is not None:
+            text += live.detok.finish()
         text, stopped = self._apply_stop_strings(live, text, final=reason is not None)
         if stopped:
             reason = FinishReason.STOP
         new_logprobs = [logprob] if logprob is not None else []
         if reason is not None:
             self._live.pop(seq.request_id)
-            self.scheduler.finish(seq)
+            self._finish(seq)
         return self._output(live, [token], text, new_logprobs, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
@@ -327,7 +337,7 @@ def _make_kv_cache(model: LoadedModel, config: EngineConfig) -> KVCache:
     per_block = KVCache.bytes_per_block(dtype=model.dtype, **shape)
     num_blocks = int(config.kv_cache_mb * 2**20) // per_block
     if num_blocks < 1:
-        raise InvalidRequest(f"--kv-cache-mb {config.kv_cache_mb} holds no KV block "
+        raise ConfigError(f"--kv-cache-mb {config.kv_cache_mb} holds no KV block "
                              f"({per_block} bytes each)")
     return KVCache(num_blocks=num_blocks, dtype=model.dtype, device=model.device, **shape)
 
@@ -373,17 +383,39 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = None) -> EngineCore:
-    """Loads the configured model, builds the engine and adds the named adapter directories."""
-    from adapters_registry.peft_format import read_peft_adapter
+def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = None, *,
+                     registry: Callable[[BaseModelSpec], AdapterRegistry] | None = None
+                     ) -> EngineCore:
+    """Loads the configured model and builds the engine over an adapter registry.
+
+    `registry(spec)` opens the registry for the loaded model's spec (the server's is durable:
+    `make_registry` over an AdapterStore); by default the adapters live in RAM. The named
+    adapter directories (NAME -> path) are registered in it.
+    """
+    from adapters_registry.peft_format import read_adapter_files
     from server.model.loading import load_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
     model = load_model(config.model, quantize=config.quantize, device=config.device,
                        dtype=DTYPES[config.dtype])
-    core = EngineCore(model, config)
+    adapter_registry = (registry or (lambda spec: make_registry(spec, config.max_rank)))(model.spec)
     for name, path in (adapters or {}).items():
-        core.add_adapter(name, read_peft_adapter(path, model.spec, name=name,
-                                                 max_rank=config.max_rank))
-    return core
+        adapter_registry.register(name, *read_adapter_files(
+            Path(path), name, adapter_registry.max_adapter_bytes))
+    return EngineCore(model, config, adapter_registry)
+
+
+def make_registry(spec: BaseModelSpec, max_rank: int, *, store=None,
+                  config: RegistryConfig | None = None) -> AdapterRegistry:
+    """A registry for adapters of `spec` kept in `store` (an AdapterStore; None: in RAM), sized
+    by `config`; its load workers run torch single-threaded (server/engine/threads.py)."""
+    from adapters_registry.memory_store import MemoryStore
+    from server.engine.threads import single_threaded
+
+    config = config or RegistryConfig()
+    return AdapterRegistry(store if store is not None else MemoryStore(), spec,
+                           max_rank=max_rank, cache_bytes=int(config.adapter_cache_mb * 2**20),
+                           allowed_roots=config.source_roots,
+                           max_adapter_bytes=int(config.max_adapter_mb * 2**20),
+                           worker_init=single_threaded)

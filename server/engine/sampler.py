@@ -10,16 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.errors import InvalidRequest
+
 MAX_STOP_STRINGS = 16
 # Logits are divided (or multiplied) by these: outside the ranges they overflow to inf/NaN, and a
 # sampling error in one row would fail the whole step for every request in it.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 PENALTY_RANGE = (1e-2, 1e2)
 MAX_STOP_STRING_CHARS = 256
-
-
-class InvalidRequest(ValueError):
-    """A request's input or parameters are invalid; the message says which and why."""
 
 
 @dataclass
@@ -34,6 +32,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/CTRL semantics over prompt and generated tokens
     logprobs: bool = False  # return the log-probability of each generated token
     ignore_eos: bool = False
+
+    @classmethod
+    def given(cls, **fields) -> SamplingParams:
+        """The parameters a request gave: fields that are None keep their defaults. Every face
+        converts its wire format through this one constructor."""
+        return cls(**{name: value for name, value in fields.items() if value is not None})
 
     def validate(self, vocab_size: int) -> None:
         if self.max_new_tokens < 1:

@@ -5,6 +5,9 @@ for a prompt still being prefilled), growing its KV blocks; when blocks run out 
 most recently admitted sequence (its blocks are freed and it is recomputed later). Then it admits
 waiting sequences in arrival order while the step's token budget, the batch size, the free KV
 blocks and the adapter slots allow. A request that does not fit waits; it never fails the batch.
+
+The scheduler only decides: it places admitted sequences in adapter slots (bookkeeping), and the
+engine writes the adapter versions new to their slot before running the step.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ class Sequence:
     slot: int = -1  # adapter slot while running, -1 = base model
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
-    first_token_time: float | None = None
     preemptions: int = 0
 
     @property
@@ -59,6 +61,7 @@ class Sequence:
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, from seq.num_computed on
+    writes_slot: bool = False  # admitted into a slot that does not hold its adapter version yet
 
 
 class Scheduler:
@@ -106,25 +109,25 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting.popleft()
-            if seq.adapter is not None:
-                slot = self.slots.acquire(seq.adapter)
-                if slot is None:  # every slot busy with other adapters: let later ones try
-                    skipped.append(seq)
-                    continue
-                seq.slot = slot
+            if seq.adapter is not None and not self.slots.can_place(seq.adapter.key):
+                skipped.append(seq)  # every slot busy with other adapters: let later ones try
+                continue
             n = min(seq.num_tokens, budget)
             blocks = self.kv.blocks_needed(n)
             if blocks > self.kv.allocator.num_free:  # memory is first come, first served
-                self._release_slot(seq)
                 self.waiting.appendleft(seq)
                 break
+            writes_slot = False
+            if seq.adapter is not None:
+                placement = self.slots.acquire(seq.adapter.key)
+                seq.slot, writes_slot = placement.slot, placement.needs_write
             seq.block_table = self.kv.allocator.allocate(blocks)
             seq.num_computed = 0
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, n))
+            chunks.append(ScheduledChunk(seq, n, writes_slot))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
@@ -157,9 +160,6 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.kv.allocator.free(seq.block_table)
         seq.block_table = []
-        self._release_slot(seq)
-
-    def _release_slot(self, seq: Sequence) -> None:
         if seq.adapter is not None and seq.slot >= 0:
             self.slots.release(seq.adapter.key)
         seq.slot = -1

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of the batched LoRA op (`csrc/lora_cpu.cpp`), built on first use.
+"""The C++ CPU kernel of the batched LoRA op (`csrc/lora_cpu.cpp`), built when an engine starts.
 
 `load()` compiles the source with torch.utils.cpp_extension (-O3 -march=native, OpenMP) into
 torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so later
@@ -79,7 +79,7 @@ def load() -> ModuleType | None:
             except Exception as exc:  # any build or load failure means: use PyTorch
                 _failed = True
                 logger.warning("LoRA CPU kernel unavailable, using the PyTorch path "
-                               "(LORAPLEX_LORA_KERNEL=torch skips the build): %s: %s",
+                               "(--lora-kernel torch skips the build): %s: %s",
                                type(exc).__name__, _reason(exc))
             else:
                 logger.info("LoRA CPU kernel ready in %.1f s", time.perf_counter() - start)

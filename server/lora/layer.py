@@ -14,23 +14,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters_registry.peft_format import LoraWeights
+from adapters_registry.weights import LoraWeights
 from adapters_registry.spec import TARGET_MODULES, module_path
 from server.lora.dora import dora_factor, weight_row_sq_norms
-from server.lora.op import SlotMapping, lora_apply
+from server.lora.op import CpuKernel, SlotMapping, lora_apply
 from server.lora.vocab import MultiLoraEmbedding, MultiLoraLMHead
 
 
 class LoraContext:
     """The per-step token -> slot mapping shared by every wrapped module."""
 
-    def __init__(self):
+    def __init__(self, kernel: CpuKernel | None = None):
+        """kernel: the CPU kernel chosen at engine start (`select_kernel`); None = PyTorch."""
+        self.kernel = kernel
         self.set_step(torch.empty(0, dtype=torch.long))
 
     def set_step(self, token_slots: torch.Tensor, logit_slots: torch.Tensor | None = None) -> None:
         """token_slots: [T] adapter slot of each packed token, -1 = base model; logit_slots: [N]
         the slots of the rows whose logits the step computes (lm_head's input), default none."""
-        self.mapping = SlotMapping.build(token_slots)
+        self.mapping = SlotMapping.build(token_slots, self.kernel)
         self.token_slots = token_slots
         self.logit_slots = token_slots[:0] if logit_slots is None else logit_slots
 

@@ -20,25 +20,24 @@ then runs per wrapped Linear with a handful of tensor ops:
 Padded rows repeat a real token of the same entry; their scale is 0, so they add exactly 0.
 Tables may be fp32 or bf16: x is cast to the table dtype, the result back to y's dtype.
 
-On the CPU, a C++ kernel (`server.lora.cpu_kernel`, built on first use) serves the slots with
-fewer than KERNEL_MAX_TOKENS tokens instead: it groups tokens by slot, reads each slot's table rows
-in place (fp32 math whatever the table dtype), and skips the zero rows past each slot's rank when
+On the CPU, a C++ kernel (`server.lora.cpu_kernel`) serves the slots with fewer than
+`CpuKernel.max_tokens` tokens instead: it groups tokens by slot, reads each slot's table rows in
+place (fp32 math whatever the table dtype), and skips the zero rows past each slot's rank when
 `lora_apply` gets a `rank` array. It takes a call only when it is its kind (CPU tensors, fp32 x
-and y, fp32 or bf16 tables); any other call (CUDA, bf16 activations) runs the PyTorch path.
-The environment variable LORAPLEX_LORA_KERNEL (read at import into `KERNEL`) picks the path:
+and y, fp32 or bf16 tables); any other call (bf16 activations) runs the PyTorch path.
+`select_kernel(mode, device)` chooses once, at engine start (`--lora-kernel`):
 
 - `auto` (default): the kernel for the slots with fewer than KERNEL_MAX_TOKENS tokens, PyTorch
   segments for the larger ones;
 - `cpp`: the kernel for every slot;
-- `torch`: never the kernel (the mapping does not even build it).
+- `torch`: never the kernel.
 
 If the kernel cannot be built (no compiler, no ninja, ...), one warning is logged and PyTorch
-serves every call.
+serves every call. Other devices always take the PyTorch path.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,28 +45,41 @@ import torch
 
 from server.lora import cpu_kernel as lora_cpu_kernel
 
-KERNEL = os.environ.get("LORAPLEX_LORA_KERNEL", "auto")
-"""`auto`, `cpp` or `torch`: which slots the C++ kernel serves on the CPU (see the docstring)."""
-if KERNEL not in ("auto", "cpp", "torch"):
-    raise ValueError(f"LORAPLEX_LORA_KERNEL must be auto, cpp or torch, not {KERNEL!r}")
-
 HEAVY_TOKENS = 32
-"""A slot with at least this many tokens gets its own two matmuls; fewer, it joins the padded batch.
-
-Measured (2 cores): batching wins for >= 4 slots of up to ~32 tokens each, and by far for bf16
-tables (a small bf16 matmul has ~18 us of fixed cost); a lone large slot (prefill) is best alone.
-"""
+"""A slot with at least this many tokens gets its own two matmuls; fewer, it joins the padded
+batch: batching wins for several small slots, a lone large slot (a prefill) is best alone
+(`python -m benchmarks.lora_op_micro` measures both)."""
 
 SPAN_SLACK = 2
 """Light slots read the table in place when their span is at most SPAN_SLACK x their count."""
 
 KERNEL_MAX_TOKENS = 1024
-"""In `auto` mode, a slot with fewer tokens than this goes to the C++ kernel, else to PyTorch.
+"""In `auto` mode, a slot with fewer tokens than this goes to the C++ kernel, else to PyTorch:
+about where the two tie with fp32 tables (`python -m benchmarks.lora_op_micro` measures both)."""
 
-Measured (2 cores, one slot, 576/1536-wide modules): the kernel wins up to ~1024 tokens with fp32
-tables (e.g. 256 tokens: 58 vs 70 us) and ties there; with bf16 tables it wins at every size
-(2048 tokens: 0.5-1.0 vs 0.75-1.5 ms), PyTorch's bf16 matmuls being slow on this CPU.
-"""
+
+@dataclass(frozen=True)
+class CpuKernel:
+    """The C++ kernel as chosen at engine start: it serves slots with fewer than `max_tokens`
+    tokens. `run(y, x, A, B, scale, rank, entries, tokens)` returns False, doing nothing, when
+    the call is not its kind."""
+
+    run: Callable[..., bool]
+    max_tokens: float
+
+
+def select_kernel(mode: str, device: torch.device | str) -> CpuKernel | None:
+    """The kernel for `mode` (auto, cpp, torch) on `device`, built or loaded now; None: PyTorch
+    serves every call (torch mode, not a CPU, or the kernel cannot be built)."""
+    if mode not in ("auto", "cpp", "torch"):
+        raise ValueError(f"the LoRA kernel mode must be auto, cpp or torch, not {mode!r}")
+    if mode == "torch" or torch.device(device).type != "cpu":
+        return None
+    module = lora_cpu_kernel.load()
+    if module is None:
+        return None
+    return CpuKernel(module.lora_apply_cpu,
+                     KERNEL_MAX_TOKENS if mode == "auto" else float("inf"))
 
 _NO_RANK = torch.empty(0, dtype=torch.int32)
 
@@ -153,8 +165,8 @@ class SlotMapping:
     present: frozenset[int] = frozenset()  # the slots (>= 0) this step uses
 
     @staticmethod
-    def build(slot: torch.Tensor) -> "SlotMapping":
-        """slot: [T] int, -1 = base model only."""
+    def build(slot: torch.Tensor, kernel: CpuKernel | None = None) -> "SlotMapping":
+        """slot: [T] int, -1 = base model only; kernel: from `select_kernel`, None = PyTorch."""
         slot = slot.reshape(-1).long()
         slots = slot.tolist()
         groups: dict[int, list[int]] = {}
@@ -165,12 +177,10 @@ class SlotMapping:
         light = {s: rows for s, rows in groups.items() if len(rows) < HEAVY_TOKENS}
         segments = tuple(_segment(s, rows, slot.device) for s, rows in sorted(heavy.items()))
         batch = _batch(light, len(slots), slot.device) if light else None
-        kernel = None
-        if groups and KERNEL != "torch" and slot.device.type == "cpu":
-            module = lora_cpu_kernel.load()
-            if module is not None:
-                kernel = _kernel_plan(module.lora_apply_cpu, groups, slot.device)
-        return SlotMapping(len(slots), bool(groups), segments, batch, kernel, slot + 1,
+        plan = None
+        if groups and kernel is not None and slot.device.type == "cpu":
+            plan = _kernel_plan(kernel, groups, slot.device)
+        return SlotMapping(len(slots), bool(groups), segments, batch, plan, slot + 1,
                            frozenset(groups))
 
 
@@ -180,17 +190,16 @@ def _segment(s: int, rows: list[int], device: torch.device) -> _Segment:
     return _Segment(s, rows[0], rows[-1] + 1, torch.tensor(rows, device=device))
 
 
-def _kernel_plan(run: Callable[..., bool], groups: dict[int, list[int]],
+def _kernel_plan(kernel: CpuKernel, groups: dict[int, list[int]],
                  device: torch.device) -> _KernelPlan:
-    max_tokens = KERNEL_MAX_TOKENS if KERNEL == "auto" else float("inf")
     entries, tokens, segments = [], [], []
     for s, rows in sorted(groups.items()):
-        if len(rows) < max_tokens:
+        if len(rows) < kernel.max_tokens:
             entries.append((s, len(tokens), len(tokens) + len(rows)))
             tokens += rows
         else:
             segments.append(_segment(s, rows, device))
-    return _KernelPlan(run, torch.tensor(entries, dtype=torch.int32).view(-1, 3),
+    return _KernelPlan(kernel.run, torch.tensor(entries, dtype=torch.int32).view(-1, 3),
                        torch.tensor(tokens, dtype=torch.int32), tuple(segments))
 
 

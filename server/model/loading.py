@@ -18,17 +18,22 @@ import torch
 
 from adapters_registry.spec import (EMBED_TOKENS, LM_HEAD, TARGET_MODULES, BaseModelSpec,
                                     module_path)
+from server.errors import ErrorKind, LoraplexError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtype names of the configuration (--dtype, --lora-dtype)."""
 # bitsandbytes' 4-bit CPU kernels need these multiples (quantization block / output tiling).
 FOUR_BIT_IN_MULTIPLE = 64
 FOUR_BIT_OUT_MULTIPLE = 32
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LoraplexError, RuntimeError):
     """The model cannot be served; the message is one line that says why."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 @dataclass

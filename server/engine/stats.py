@@ -1,0 +1,43 @@
+"""What the engine looks like between two steps, published for the other threads.
+
+The loop thread builds an `EngineStats` after every step (and after applying commands) and
+publishes it by replacing one attribute; metrics and the admin API read that snapshot and never
+touch the scheduler, the KV cache or the slot table, which the loop thread changes meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # sequences in the running batch
+    waiting: int  # sequences waiting for a place in it
+    kv_blocks: int
+    kv_blocks_free: int
+    slots_in_use: int  # adapter versions held in device slots (busy or idle)
+    slot_loads: int  # slot writes so far (= slot misses)
+    slot_hits: int  # admissions that found their version in a slot
+    slot_evictions: int
+    running_adapters: tuple[str, ...]  # names of the adapters of running sequences, sorted
+    waiting_adapters: tuple[str, ...]
+    preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV-cache blocks in use, 0-1."""
+        return 1 - self.kv_blocks_free / self.kv_blocks
+
+    @staticmethod
+    def of(scheduler, kv, slots) -> EngineStats:
+        """The snapshot of a scheduler, its KV cache and its slot table (on their thread)."""
+        def names(seqs) -> tuple[str, ...]:
+            return tuple(sorted({s.adapter.key.name for s in seqs if s.adapter is not None}))
+
+        return EngineStats(
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            kv_blocks=kv.num_blocks, kv_blocks_free=kv.allocator.num_free,
+            slots_in_use=len(slots.slot_of), slot_loads=slots.loads, slot_hits=slots.hits,
+            slot_evictions=slots.evictions, running_adapters=names(scheduler.running),
+            waiting_adapters=names(scheduler.waiting), preemptions=scheduler.preemptions)
