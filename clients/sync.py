@@ -55,13 +55,15 @@ class LoraplexClient:
                  top_k: int | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None,
-                 repetition_penalty: float | None = None, logprobs: bool = False,
+                 repetition_penalty: float | None = None, ignore_eos: bool | None = None,
+                 logprobs: bool = False,
                  chat: bool = False, timeout: float | None = None) -> GenerateResult:
         """A whole completion. Sampling parameters left None take the server's defaults."""
         request = generate_request(
             prompt, prompt_token_ids, adapter, logprobs, chat, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty)
+            stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
+            ignore_eos=ignore_eos)
         with rpc_errors():
             response = self._inference.Generate(
                 request, metadata=inference_metadata(self._inference_metadata, adapter),
@@ -74,14 +76,16 @@ class LoraplexClient:
                top_k: int | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None,
                stop_token_ids: Sequence[int] | None = None,
-               repetition_penalty: float | None = None, logprobs: bool = False,
+               repetition_penalty: float | None = None, ignore_eos: bool | None = None,
+               logprobs: bool = False,
                chat: bool = False, timeout: float | None = None) -> Iterator[StreamDelta]:
         """Deltas as they are produced; the last carries finish_reason and usage. Closing the
         iterator, or dropping it as leaving a for loop early does, cancels the request."""
         request = generate_request(
             prompt, prompt_token_ids, adapter, logprobs, chat, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty)
+            stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
+            ignore_eos=ignore_eos)
         call = self._inference.GenerateStream(
             request, metadata=inference_metadata(self._inference_metadata, adapter),
             timeout=self._timeout if timeout is None else timeout)

@@ -87,20 +87,6 @@ def test_generate_equals_the_engine_for_adapters_interleaved_concurrently(client
     assert [g.token_ids for g in got] == [want[str(i)][0] for i in range(len(adapters))]
 
 
-def test_cancelling_a_stream_frees_the_sequence(client):
-    stream = client.stream("Once upon a time", max_new_tokens=2000)
-    next(stream), next(stream)
-    stream.close()
-    wait_until_idle(client)
-
-
-def test_a_deadline_ends_the_request_on_both_sides(client):
-    with pytest.raises(LoraplexError) as error:
-        client.generate("Once upon a time", max_new_tokens=2000, timeout=0.5)
-    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until_idle(client)
-
-
 def test_errors_have_their_status(client):
     for call, code in [
         (lambda: client.generate("x", adapter="no-such-adapter"), grpc.StatusCode.NOT_FOUND),

@@ -78,6 +78,13 @@ def wait_for(condition, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+STEPS = "loraplex_engine_steps_total"
+STEP_BOUND = 200
+"""Engine steps a request that asked for 2000 tokens may still run after its client left: the
+time an HTTP disconnect takes to reach the engine, counted in (millisecond) steps of the tiny
+model."""
+
+
 def wait_until_idle(base_url: str) -> None:
     wait_for(lambda: metric(base_url, "loraplex_num_requests_running")
              == metric(base_url, "loraplex_num_requests_waiting") == 0)
@@ -371,9 +378,11 @@ def test_a_full_queue_is_429_and_a_closed_stream_cancels_its_generation(restrict
             api.completions.create(prompt="one too many", max_tokens=1, **long)
         assert error.value.status_code == 429 and "--max-queue 1" in error.value.message
         running.close()  # the client goes away mid-stream: the place frees up
+        at_close = metric(url, STEPS)
         assert queued.result(120).usage.completion_tokens == 2
     wait_for(lambda: metric(url, cancelled) == before + 1)
     wait_until_idle(url)
+    assert metric(url, STEPS) - at_close <= STEP_BOUND  # not the 2000 steps it asked for
 
 
 def test_a_client_disconnecting_cancels_a_non_streamed_generation(restricted_server):
@@ -389,8 +398,10 @@ def test_a_client_disconnecting_cancels_a_non_streamed_generation(restricted_ser
                            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         wait_for(lambda: metric(url, "loraplex_num_requests_running") == 1)
+    at_close = metric(url, STEPS)
     wait_for(lambda: metric(url, cancelled) == before + 1)
     wait_until_idle(url)
+    assert metric(url, STEPS) - at_close <= STEP_BOUND  # not the 2000 steps it asked for
 
 
 def test_on_sigterm_a_stream_in_flight_finishes_then_the_server_exits(restricted_server):

@@ -73,7 +73,8 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
         max_new_tokens=optional("max_new_tokens"), temperature=p.temperature,
         top_p=optional("top_p"), top_k=p.top_k, seed=optional("seed"), stop=list(p.stop),
         stop_token_ids=list(p.stop_token_ids),
-        repetition_penalty=optional("repetition_penalty"), logprobs=request.return_logprobs)
+        repetition_penalty=optional("repetition_penalty"), ignore_eos=p.ignore_eos,
+        logprobs=request.return_logprobs)
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     return GenerationRequest(prompt=request.prompt or None,
                              prompt_token_ids=list(request.prompt_token_ids) or None,

@@ -169,6 +169,11 @@ class _StateCollector(Collector):
                                 "Sequences waiting for the running batch.", value=stats.waiting)
         yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio",
                                 "Fraction of KV-cache blocks in use (0-1).", value=stats.kv_usage)
+        yield CounterMetricFamily("loraplex_engine_steps", "Model steps the engine has run.",
+                                  value=stats.steps)
+        yield CounterMetricFamily("loraplex_engine_sampled_tokens",
+                                  "Tokens sampled by the engine, counted at every step.",
+                                  value=stats.generated_tokens)
         yield from _cost_series(ready.cost, registry)
         yield from _tier_series(stats, registry)
         if self.vllm_metrics:

@@ -106,6 +106,8 @@ class EngineCore:
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
+        self.steps = 0  # model steps run
+        self.generated_tokens = 0  # tokens sampled, over all requests
         # Names of adapters the registry replaced or deleted (from any thread); their stale
         # versions' slots are retired at the next step.
         self._changed: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -183,7 +185,8 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         """A snapshot of the scheduler, KV cache and slot table (call on the core's thread)."""
-        return EngineStats.of(self.scheduler, self.kv, self.slots)
+        return EngineStats.of(self.scheduler, self.kv, self.slots, steps=self.steps,
+                              generated_tokens=self.generated_tokens)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -228,6 +231,8 @@ class EngineCore:
         if self.logits_observer is not None:
             self.logits_observer([seq.request_id for seq in sampling], logits)
         tokens, logprobs = sample(logits, [_sample_row(seq) for seq in sampling])
+        self.steps += 1
+        self.generated_tokens += len(tokens)
         return [self._append_token(seq, token, logprob)
                 for seq, token, logprob in zip(sampling, tokens, logprobs)]
 

@@ -23,6 +23,8 @@ class EngineStats:
     running_adapters: tuple[str, ...]  # names of the adapters of running sequences, sorted
     waiting_adapters: tuple[str, ...]
     preemptions: int
+    steps: int  # model steps run so far
+    generated_tokens: int  # tokens sampled so far, over all requests
 
     @property
     def kv_usage(self) -> float:
@@ -30,7 +32,7 @@ class EngineStats:
         return 1 - self.kv_blocks_free / self.kv_blocks
 
     @staticmethod
-    def of(scheduler, kv, slots) -> EngineStats:
+    def of(scheduler, kv, slots, *, steps: int, generated_tokens: int) -> EngineStats:
         """The snapshot of a scheduler, its KV cache and its slot table (on their thread)."""
         def names(seqs) -> tuple[str, ...]:
             return tuple(sorted({s.adapter.key.name for s in seqs if s.adapter is not None}))
@@ -40,4 +42,5 @@ class EngineStats:
             kv_blocks=kv.num_blocks, kv_blocks_free=kv.allocator.num_free,
             slots_in_use=len(slots.slot_of), slot_loads=slots.loads, slot_hits=slots.hits,
             slot_evictions=slots.evictions, running_adapters=names(scheduler.running),
-            waiting_adapters=names(scheduler.waiting), preemptions=scheduler.preemptions)
+            waiting_adapters=names(scheduler.waiting), preemptions=scheduler.preemptions,
+            steps=steps, generated_tokens=generated_tokens)
