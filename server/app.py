@@ -105,11 +105,12 @@ async def serve(load: Callable[[], EngineCore], config: ServerConfig) -> None:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             engine = running.start_engine(loading.result())
-            if config.metrics_port:
-                running.metrics.serve(config.metrics_port)
-                log.info("metrics on :%d/metrics", config.metrics_port)
-            if config.http_port:
-                http = await _start_http(running, tokens, config)
+            metrics_port = config.bind_port(config.metrics_port)
+            if metrics_port is not None:
+                log.info("metrics on :%d/metrics", running.metrics.serve(metrics_port))
+            http_port = config.bind_port(config.http_port)
+            if http_port is not None:
+                http = await _start_http(running, tokens, config, http_port)
             await running.grpc.set_serving(True)
             log.info("serving on %s:%d", config.host, running.port)
             await stopping
@@ -129,9 +130,9 @@ async def serve(load: Callable[[], EngineCore], config: ServerConfig) -> None:
     log.info("stopped")
 
 
-async def _start_http(running: RunningServer, tokens: Tokens, config: ServerConfig):
+async def _start_http(running: RunningServer, tokens: Tokens, config: ServerConfig, port: int):
     app = create_app(running.backend, tokens, running.metrics.registry)
-    http = await start_http_server(app, config.host, config.http_port,
+    http = await start_http_server(app, config.host, port,
                                    grace=config.grace_seconds, cert_file=config.tls_cert_file,
                                    key_file=config.tls_key_file,
                                    client_ca_file=config.tls_client_ca_file)

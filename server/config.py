@@ -214,12 +214,14 @@ class ServerConfig:
     tls_client_ca_file: str = field(
         default="",
         metadata={"help": "PEM CA bundle: require client certificates signed by it (mTLS)."})
-    metrics_port: int = field(
-        default=0,
-        metadata={"help": "Port of the Prometheus /metrics endpoint; 0 = off."})
-    http_port: int = field(
-        default=0,
-        metadata={"help": "Port of the OpenAI-compatible HTTP API; 0 = off."})
+    metrics_port: str = field(
+        default="0",
+        metadata={"help": "Port of the Prometheus /metrics endpoint; 0 = off, auto = a free "
+                          "port the system picks (logged as 'metrics on :PORT/metrics')."})
+    http_port: str = field(
+        default="0",
+        metadata={"help": "Port of the OpenAI-compatible HTTP API; 0 = off, auto = a free port "
+                          "the system picks (logged as 'http on HOST:PORT')."})
     grace_seconds: float = field(
         default=30.0,
         metadata={"help": "On SIGTERM, how long in-flight requests may take to finish."})
@@ -236,6 +238,13 @@ class ServerConfig:
                           "vllm:lora_requests_info, ...) for the Gateway API Inference "
                           "Extension's endpoint picker."})
 
+    @staticmethod
+    def bind_port(value: str) -> int | None:
+        """The port to bind for --metrics-port / --http-port: None = off, 0 = any free one."""
+        if value == "auto":
+            return 0
+        return int(value) or None
+
     def validate(self) -> None:
         for flag in ("admin_token_file", "inference_token_file", "tls_cert_file", "tls_key_file",
                      "tls_client_ca_file"):
@@ -247,9 +256,13 @@ class ServerConfig:
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError("--tls-client-ca-file (mTLS) needs --tls-cert-file and "
                               "--tls-key-file")
-        for flag in ("port", "metrics_port", "http_port"):
-            if not 0 <= getattr(self, flag) < 65536:
-                raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 65535]")
+        if not 0 <= self.port < 65536:
+            raise ConfigError("--port must be in [0, 65535]")
+        for flag in ("metrics_port", "http_port"):
+            value = getattr(self, flag)
+            if value != "auto" and not (value.isdigit() and int(value) < 65536):
+                raise ConfigError(f"--{flag.replace('_', '-')} must be 0 (off), auto or a port "
+                                  f"in [1, 65535], not {value!r}")
         if self.top_adapters < 0:
             raise ConfigError("--top-adapters must be >= 0")
         if self.grace_seconds < 0 or self.max_message_mb <= 0:

@@ -1,7 +1,14 @@
-"""Start the real `loraplex serve` in a child process on a free port, as a user would."""
+"""Start the real `loraplex serve` in a child process on a free port, as a user would.
+
+Every port is the server's own pick (`--port 0`, `--http-port auto`, `--metrics-port auto`), read
+back from its log: no port is chosen here and then raced for. The child runs in a process group
+of its own; stopping it falls back to killing the group, and an exit hook kills the groups of
+children still running when the test process ends.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -11,29 +18,61 @@ import threading
 from dataclasses import dataclass, field
 
 LORAPLEX = [sys.executable, "-m", "server.cli"]
+_running: set[subprocess.Popen] = set()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (it and whatever it started) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    _running.discard(proc)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_running):
+        kill_group(proc)
 
 
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen
     port: int = 0
+    http_port: int = 0  # with --http-port auto (or a number)
+    metrics_port: int = 0  # with --metrics-port auto (or a number)
     log: list[str] = field(default_factory=list)  # every stderr line so far
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        """Sends `sig`; after `timeout` seconds kills the process group. Returns the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            kill_group(self.proc)
+            code = self.proc.wait()
+        _running.discard(self.proc)
+        return code
 
     def output(self) -> str:
-        return "".join(self.log)
+        with self._lock:  # the reader thread appends meanwhile
+            return "".join(self.log)
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 300
@@ -44,13 +83,20 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
     """
     proc = subprocess.Popen(LORAPLEX + ["serve", "--port", "0", *args], text=True,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    _running.add(proc)
     server = ServerProcess(proc)
     ready = threading.Event()
 
     def read() -> None:
         for line in proc.stderr:
-            server.log.append(line)
+            with server._lock:
+                server.log.append(line)
+            for pattern, attribute in ((r"http on [\w.:]+:(\d+)", "http_port"),
+                                       (r"metrics on :(\d+)/metrics", "metrics_port")):
+                match = re.search(pattern, line)
+                if match:
+                    setattr(server, attribute, int(match[1]))
             match = re.search(r"serving on [\w.]+:(\d+)", line)
             if match:
                 server.port = int(match[1])
@@ -59,6 +105,6 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
 
     threading.Thread(target=read, daemon=True).start()
     if not ready.wait(timeout) or not server.port:
-        server.stop(signal.SIGKILL)
+        kill_group(proc)
         raise AssertionError("server did not start:\n" + server.output())
     return server

@@ -469,13 +469,11 @@ def replicas(demo_cache, demo_adapter_dirs, tmp_path_factory):
     processes = [None, None, None]
 
     def start(index: int) -> None:
-        metrics_port = free_port()
         processes[index] = process = start_server(
-            "--threads", "1", "--kv-cache-mb", "64", "--metrics-port", str(metrics_port),
+            "--threads", "1", "--kv-cache-mb", "64", "--metrics-port", "auto",
             "--top-adapters", "50", "--store", str(tmp / f"store-{index}"),
             "--admin-token-file", str(tmp / "admin-token"), "--adapter-source-roots", str(roots),
             env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
-        process.metrics_port = metrics_port
         with LoraplexClient(process.target, admin_token=ADMIN_TOKEN, timeout=60) as client:
             sources = list(demo_adapter_dirs.values())
             for i, name in enumerate(EXTRA_ADAPTERS):

@@ -40,12 +40,6 @@ FINISH = {"length": "length", "stop": "stop", "eos": "stop"}  # gRPC's -> OpenAI
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def call(method: str, url: str, body: dict | bytes | None = None, token: str | None = None,
          context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one plain HTTP request, errors included."""
@@ -94,11 +88,10 @@ def wait_until_idle(base_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def demo_server(demo_cache, tmp_path_factory):
-    port = free_port()
-    process = start_server("--http-port", str(port), "--threads", "1", "--quantize", "none",
+    process = start_server("--http-port", "auto", "--threads", "1", "--quantize", "none",
                            "--store", str(tmp_path_factory.mktemp("http") / "store"),
                            env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
-    process.url = f"http://127.0.0.1:{port}"
+    process.url = process.http_url
     yield process
     assert process.stop() == 0, process.output()
     assert "Traceback" not in process.output(), process.output()
@@ -318,13 +311,12 @@ def restricted_server(demo_cache, tmp_path_factory):
     (model / "chat_template.jinja").unlink()
     (tmp / "token").write_text(TOKEN)
     (tmp / "admin-token").write_text(ADMIN_TOKEN)
-    port = free_port()
-    process = start_server("--model", str(model), "--http-port", str(port), "--threads", "1",
+    process = start_server("--model", str(model), "--http-port", "auto", "--threads", "1",
                            "--quantize", "none", "--store", str(tmp / "store"),
                            "--max-batch-size", "1", "--max-step-tokens", "1", "--max-queue", "1",
                            "--inference-token-file", str(tmp / "token"),
                            "--admin-token-file", str(tmp / "admin-token"))
-    process.url = f"http://127.0.0.1:{port}"
+    process.url = process.http_url
     yield process
     assert process.stop() == 0, process.output()
     assert "Traceback" not in process.output(), process.output()

@@ -123,8 +123,7 @@ def test_adapter_labels_keep_the_busiest_and_never_shrink_a_series():
 
 @pytest.fixture(scope="module")
 def metrics_server(demo_cache, tmp_path_factory):
-    port = free_port()
-    process = start_server("--threads", "1", "--metrics-port", str(port), "--log-format", "json",
+    process = start_server("--threads", "1", "--metrics-port", "auto", "--log-format", "json",
                            "--store", str(tmp_path_factory.mktemp("store")),
                            env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
     with grpc.insecure_channel(process.target) as channel:
@@ -132,7 +131,7 @@ def metrics_server(demo_cache, tmp_path_factory):
         for adapter in ("attn-r4", "all-r16", "mlp-r8-bf16", "", "attn-r4"):
             stub.Generate(pb.GenerateRequest(prompt="Hello", adapter_id=adapter,
                                              params=pb.SamplingParams(max_new_tokens=3)))
-    yield process, port
+    yield process, process.metrics_port
     assert process.stop() == 0, process.output()
 
 
@@ -199,12 +198,11 @@ def query(port: int, promql: str, timeout: float = 60) -> float:
 
 
 def test_vllm_compatible_series_for_the_gateway(demo_cache, tmp_path):
-    port = free_port()
-    process = start_server("--threads", "1", "--metrics-port", str(port), "--vllm-metrics",
+    process = start_server("--threads", "1", "--metrics-port", "auto", "--vllm-metrics",
                            "--max-slots", "3", "--store", str(tmp_path / "store"),
                            env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
     try:
-        text = scrape(port)
+        text = scrape(process.metrics_port)
         for name in ("vllm:num_requests_running 0.0", "vllm:num_requests_waiting 0.0",
                      "vllm:kv_cache_usage_perc 0.0", "vllm:gpu_cache_usage_perc 0.0",
                      'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",'

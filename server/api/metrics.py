@@ -147,8 +147,10 @@ class Metrics:
         core.registry.load_observer = self.load_seconds.labels("host").observe
         core.slot_write_observer = self.load_seconds.labels("device").observe
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int) -> int:
+        """Serves /metrics on `port` (0: any free port); returns the port bound."""
+        server, _ = start_http_server(port, registry=self.registry)
+        return server.server_port
 
 
 class _StateCollector(Collector):
