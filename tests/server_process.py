@@ -3,12 +3,11 @@
 Every port is the server's own pick (`--port 0`, `--http-port auto`, `--metrics-port auto`), read
 back from its log: no port is chosen here and then raced for. The child runs in a process group
 of its own; stopping it falls back to killing the group, and an exit hook kills the groups of
-children still running when the test process ends.
+children still running when the test process ends (tests/processes.py).
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import signal
@@ -17,24 +16,9 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+from tests import processes
+
 LORAPLEX = [sys.executable, "-m", "server.cli"]
-_running: set[subprocess.Popen] = set()
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (it and whatever it started) and reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    _running.discard(proc)
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_running):
-        kill_group(proc)
 
 
 @dataclass
@@ -60,15 +44,7 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         """Sends `sig`; after `timeout` seconds kills the process group. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(self.proc)
-            code = self.proc.wait()
-        _running.discard(self.proc)
-        return code
+        return processes.stop(self.proc, sig, timeout)
 
     def output(self) -> str:
         with self._lock:  # the reader thread appends meanwhile
@@ -81,10 +57,9 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
 
     A thread keeps reading its stderr, so the server never blocks on a full pipe.
     """
-    proc = subprocess.Popen(LORAPLEX + ["serve", "--port", "0", *args], text=True,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-    _running.add(proc)
+    proc = processes.start(LORAPLEX + ["serve", "--port", "0", *args], text=True,
+                           stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                           env={**os.environ, **(env or {})})
     server = ServerProcess(proc)
     ready = threading.Event()
 
@@ -105,6 +80,6 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
 
     threading.Thread(target=read, daemon=True).start()
     if not ready.wait(timeout) or not server.port:
-        kill_group(proc)
+        processes.kill_group(proc)
         raise AssertionError("server did not start:\n" + server.output())
     return server

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from adapters_registry.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterForm
 from adapters_registry.sources import (ROOT_FLAG, AdapterFiles, SourceError,
                                        SourceUnavailableError, fetch_adapter,
                                        read_local_directory, read_s3)
+from tests import processes
 
 ADAPTER = "attn-r4"  # the smallest of the session's PEFT adapters
 CONVERT = "convert them to safetensors"
@@ -177,36 +177,36 @@ def test_read_s3_refuses_a_path_that_is_not_an_s3_uri():
 # ---- S3 against a real server -------------------------------------------------------------------
 
 def free_port() -> int:
-    """A loopback port nothing listens on (once this returns)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on (for clients that must fail to connect)."""
+    return processes.unused_port()
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """moto's standalone S3-compatible server, a subprocess on loopback, for this module."""
     log = tmp_path_factory.mktemp("moto") / "server.log"
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", endpoint.rsplit(":", 1)[1]], stdout=out, stderr=out)
-    try:
+
+    def launch(port: int):
+        endpoint = f"http://127.0.0.1:{port}"
+        with open(log, "wb") as out:
+            proc = processes.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                    "-p", str(port)], stdout=out, stderr=out)
         _wait_until_answering(endpoint, proc, log)
+        return proc, endpoint
+
+    proc, endpoint = processes.retrying_on_a_taken_port(launch)
+    try:
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, timeout=10)
 
 
 def _wait_until_answering(endpoint: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if "Address already in use" in log.read_text():
+                raise processes.PortTaken()
             pytest.fail(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
         try:
             urllib.request.urlopen(endpoint, timeout=1).close()

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients import AsyncLoraplexClient, LoraplexClient, LoraplexError
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
+from tests import processes
 from tests.server_process import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,9 +436,8 @@ def test_clients_send_the_adapter_as_x_adapter_id_with_their_token(recording_ser
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on (for a client that must find no server)."""
+    return processes.unused_port()
 
 
 def wait_until(condition, what: str, limit: float = 120.0):
@@ -550,7 +549,7 @@ class Envoy:
         (tmp / "envoy.yaml").write_text(yaml.safe_dump(config))
         self.log = (tmp / "envoy.log").open("w+")
         address_file = tmp / "admin-address"
-        self.proc = subprocess.Popen(
+        self.proc = processes.start(
             [envoy_binary(), "-c", str(tmp / "envoy.yaml"), "--disable-hot-restart",
              "--concurrency", "1", "-l", "warning", "--admin-address-path", str(address_file)],
             stdout=self.log, stderr=subprocess.STDOUT)
@@ -583,8 +582,7 @@ class Envoy:
         return self.log.read()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        processes.stop(self.proc)
         self.log.close()
 
 

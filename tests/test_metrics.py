@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,6 +20,7 @@ from adapters_registry.store import AdapterStore
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
 from server.api.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
+from tests import processes
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
 from tests.server_process import start_server
@@ -32,12 +33,6 @@ def tool(name: str) -> str:
     assert path.is_file(), (f"{path} is missing: run the suite with ./dev test "
                             "(it unpacks Debian's prometheus)")
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- exact values, in process ---------------------------------------------------------------
@@ -162,23 +157,45 @@ def test_promtool_finds_no_problem(metrics_server):
 
 
 def test_a_real_prometheus_scrapes_a_counter_and_a_histogram(metrics_server, tmp_path):
-    web_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n"
         "scrape_configs:\n  - job_name: loraplex\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{metrics_server[1]}']\n")
-    prometheus = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{web_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def launch(web_port: int):
+        log = (tmp_path / "prometheus.log").open("w+")
+        proc = processes.start(
+            [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{web_port}"], stdout=log, stderr=log)
+        answering = wait_until_answering(f"http://127.0.0.1:{web_port}/-/ready", proc)
+        log.seek(0)
+        if not answering and "address already in use" in log.read():
+            raise processes.PortTaken()
+        assert answering, log.read()
+        return proc, web_port
+
+    prometheus, web_port = processes.retrying_on_a_taken_port(launch)
     try:
         requests = query(web_port, 'sum(loraplex_requests_total{outcome="length"})')
         ttft = query(web_port, "loraplex_time_to_first_token_seconds_count")
         assert requests == ttft == 5
     finally:
-        prometheus.terminate()
-        prometheus.wait(30)
+        processes.stop(prometheus)
+
+
+def wait_until_answering(url: str, proc, timeout: float = 60) -> bool:
+    """True once `url` answers; False if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return True
+        except urllib.error.HTTPError:
+            return True  # any HTTP answer: it listens
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def query(port: int, promql: str, timeout: float = 60) -> float:
