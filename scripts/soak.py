@@ -124,8 +124,8 @@ def run_leaks(args, tmp: Path) -> tuple[dict, bool]:
                                   measure_leaks)
 
     model, adapters = tiny_assets(tmp)
-    with leak_server(model, adapters["all-r8"], tmp / "leaks") as (channel, core, registry):
-        report = measure_leaks(channel, core, registry, args.leak_cycles, args.leak_requests)
+    with leak_server(model, adapters["all-r8"], tmp / "leaks") as (target, core, registry):
+        report = measure_leaks(target, core, registry, args.leak_cycles, args.leak_requests)
     ok = (report.rss_growth <= RSS_GROWTH and report.tensors_after <=
           report.tensors_before * (1 + TENSOR_GROWTH) + TENSOR_SLACK)
     return {"cycles": report.cycles, "requests": report.requests,

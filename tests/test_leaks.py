@@ -4,9 +4,10 @@ After a warm-up, N cycles each lease an adapter straight from the registry and r
 another one (a host cache of 2 adapters, 6 adapters in turn, 1 device slot: every cycle loads
 from the store into host RAM, evicts, and writes the slot), then M requests of every kind
 (greedy, sampled, streamed, cancelled mid-stream, stopped, refused, unknown adapter, tokenize).
-Then:
+The requests come from a child process (tests/leak_client.py), so the process measured holds
+the server alone. Then:
 
-- the process RSS (/proc/self/statm, after gc.collect() and malloc_trim(0)) is at most 5% above
+- the server process's RSS (/proc/self/statm, after gc.collect() and malloc_trim(0)) is at most 5% above
   its value after the warm-up: a leak of one adapter's weights per cycle (134 KiB x 2 loads per
   cycle) would exceed that within the cycles run here, while allocator noise (arenas, gRPC
   buffers) stays well below it;
@@ -22,26 +23,25 @@ Then:
 from __future__ import annotations
 
 import ctypes
+import json
 import gc
 import os
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import grpc
 import pytest
 import torch
 
 from adapters_registry.registry import AdapterRegistry
 from adapters_registry.store import AdapterStore
-from loraplex.v1 import inference_pb2 as pb
-from loraplex.v1 import inference_pb2_grpc
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
+from tests.leak_client import KINDS, PINNED, ROTATING
 from tests.test_churn import cache_bytes_for, settled, variant_files, wait_until
 
-ROTATING = [f"rot-{i}" for i in range(6)]  # cycled through a cache that holds 2
-PINNED = "pinned"  # the adapter of the M requests: pinned, so they load nothing
 RSS_GROWTH = 0.05
 TENSOR_GROWTH, TENSOR_SLACK = 0.05, 4
 
@@ -79,7 +79,7 @@ class LeakReport:
 
 @contextmanager
 def leak_server(model_dir, adapter_dir, root):
-    """(channel, core, registry): 1 slot, a host cache of 2 adapters, ROTATING and PINNED
+    """(target, core, registry): 1 slot, a host cache of 2 adapters, ROTATING and PINNED
     registered (contents of `adapter_dir` with lora_B scaled), PINNED pinned."""
     files = variant_files(adapter_dir, scales=[1.0 + i / 8 for i in range(len(ROTATING) + 1)])
 
@@ -92,73 +92,33 @@ def leak_server(model_dir, adapter_dir, root):
     for name, (config, weights) in zip([*ROTATING, PINNED], files):
         registry.register(name, config.encode(), weights)
     registry.pin(PINNED).result(30)
-    with serving(core) as (channel, _):
-        yield channel, core, registry
+    with serving(core) as (_, running):
+        yield f"127.0.0.1:{running.port}", core, registry
     registry.close()
     registry.store.close()
 
 
-def request_kinds(stub) -> list:
-    """One call per kind of request; each returns its outcome's name."""
-    def generate(adapter="", **params):
-        def call():
-            stub.Generate(pb.GenerateRequest(prompt_token_ids=[1, 5, 6, 7], adapter_id=adapter,
-                                             params=pb.SamplingParams(**params)), timeout=60)
-            return "ok"
-        return call
-
-    def cancelled_stream():
-        stream = stub.GenerateStream(pb.GenerateRequest(
-            prompt="Once upon a time", adapter_id=PINNED,
-            params=pb.SamplingParams(max_new_tokens=50)), timeout=60)
-        next(stream)
-        stream.cancel()
-        return "cancelled"
-
-    def whole_stream():
-        list(stub.GenerateStream(pb.GenerateRequest(prompt="Hi", params=pb.SamplingParams(
-            max_new_tokens=3, temperature=0.9, seed=4)), timeout=60))
-        return "ok"
-
-    def tokenize():
-        stub.Tokenize(pb.TokenizeRequest(text="a leak test \U0001F600"), timeout=60)
-        return "ok"
-
-    return [generate(max_new_tokens=2), generate(PINNED, max_new_tokens=3, stop=["a", "e"]),
-            generate(PINNED, max_new_tokens=2, temperature=0.7, top_p=0.9, top_k=20, seed=1),
-            generate(max_new_tokens=2, repetition_penalty=1.3), cancelled_stream, whole_stream,
-            generate(max_new_tokens=0), generate("no-such-adapter", max_new_tokens=2), tokenize]
-
-
-KINDS = len(request_kinds(stub=None))
-
-
-def run_workload(channel, registry, cycles: int, requests: int, outcomes: dict[str, int]) -> None:
-    stub = inference_pb2_grpc.InferenceStub(channel)
+def run_workload(target: str, registry, cycles: int, requests: int) -> dict[str, int]:
+    """`cycles` leases straight from the registry (each loads and evicts), then a child process
+    sends `cycles` requests on rotating adapters and `requests` of every kind; returns the
+    child's outcomes. One after the other: the host cache holds the pin and one more adapter."""
     for i in range(cycles):
-        lease = registry.acquire(ROTATING[i % len(ROTATING)]).result(60)  # host load, eviction
+        lease = registry.acquire(ROTATING[i % len(ROTATING)]).result(60)
         registry.release(lease)
-        stub.Generate(pb.GenerateRequest(  # another host load, and a slot write
-            prompt_token_ids=[1, 2, 3], adapter_id=ROTATING[(i + 3) % len(ROTATING)],
-            params=pb.SamplingParams(max_new_tokens=2)), timeout=60)
-    kinds = request_kinds(stub)
-    for i in range(requests):
-        try:
-            outcome = kinds[i % len(kinds)]()
-        except grpc.RpcError as error:
-            outcome = error.code().name
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    client = subprocess.run([sys.executable, "-m", "tests.leak_client", target, str(cycles),
+                             str(requests)], stdout=subprocess.PIPE, text=True, timeout=1800)
+    assert client.returncode == 0, client.stdout
+    return json.loads(client.stdout)
 
 
-def measure_leaks(channel, core, registry, cycles: int, requests: int) -> LeakReport:
+def measure_leaks(target: str, core, registry, cycles: int, requests: int) -> LeakReport:
     """Warms up, measures, runs `cycles` load/evict cycles and `requests` requests, measures."""
-    run_workload(channel, registry, cycles=2 * len(ROTATING), requests=2 * KINDS, outcomes={})
+    run_workload(target, registry, cycles=2 * len(ROTATING), requests=2 * KINDS)
     assert wait_until(lambda: settled(core, registry))
     rss_before, tensors_before = rss_bytes(), live_tensors()
     loads, writes = registry.loads, core.slots.loads
-    outcomes: dict[str, int] = {}
     started = time.monotonic()
-    run_workload(channel, registry, cycles, requests, outcomes)
+    outcomes = run_workload(target, registry, cycles, requests)
     seconds = time.monotonic() - started
     assert wait_until(lambda: settled(core, registry))
     return LeakReport(cycles, requests, rss_before, rss_bytes(), tensors_before, live_tensors(),
@@ -173,8 +133,8 @@ def leak_setup(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
 
 
 def test_memory_stays_flat_over_load_evict_cycles_and_requests(leak_setup):
-    channel, core, registry = leak_setup
-    report = measure_leaks(channel, core, registry, cycles=800, requests=300 * KINDS)
+    target, core, registry = leak_setup
+    report = measure_leaks(target, core, registry, cycles=800, requests=300 * KINDS)
     assert report.host_loads >= 2 * 800 and report.slot_writes >= 800  # every cycle missed
     assert report.outcomes == {"ok": 6 * 300, "cancelled": 300, "INVALID_ARGUMENT": 300,
                                "NOT_FOUND": 300}
