@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 
 import grpc
 import pytest
@@ -128,16 +129,21 @@ def test_sigterm_drains_in_flight_requests_then_exits(demo_cache):
                            env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
     try:
         with LoraplexClient(process.target, timeout=60) as client:
-            streams = [client.stream("Hello", max_new_tokens=400) for _ in range(3)]
-            firsts = [next(stream) for stream in streams]  # three requests in flight
+            lengths = [400, 400, 400, 2000]  # the last one is still running after "late"
+            streams = [client.stream("Hello", max_new_tokens=n, ignore_eos=True) for n in lengths]
+            firsts = [next(stream) for stream in streams]  # four requests in flight
             process.proc.send_signal(signal.SIGTERM)
-            for first, stream in zip(firsts, streams):
-                rest = list(stream)
-                tokens = len(first.token_ids) + sum(len(d.token_ids) for d in rest)
-                assert rest[-1].finish_reason == "length" and tokens == 400  # finished, not cut
-            with pytest.raises(LoraplexError) as refused:  # new work is refused while draining
+            deadline = time.monotonic() + 60
+            while "draining" not in process.output():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            with pytest.raises(LoraplexError) as refused:  # new work is refused while draining,
                 client.generate("late", timeout=10)
             assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            for n, first, stream in zip(lengths, firsts, streams):  # by a server still serving
+                rest = list(stream)
+                tokens = len(first.token_ids) + sum(len(d.token_ids) for d in rest)
+                assert rest[-1].finish_reason == "length" and tokens == n  # finished, not cut
         assert process.proc.wait(60) == 0
         assert "draining" in process.output() and "stopped" in process.output()
     finally:
