@@ -86,6 +86,10 @@ REGISTRY_KINDS: dict[type[Exception], ErrorKind] = {
     StoreError: ErrorKind.FAILED_PRECONDITION,  # e.g. the store is locked by another process
 }
 
+RETRY_AFTER_SECONDS = {ErrorKind.OVERLOADED: 1}
+"""When a caller refused for this kind may try again: each face sends it its way (gRPC trailing
+metadata `grpc-retry-pushback-ms`, which gRPC's retry policy honours; HTTP `Retry-After`)."""
+
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (LoraplexError, *REGISTRY_KINDS)
 """Every exception class that has a kind (for `except DOMAIN_ERRORS`)."""
 

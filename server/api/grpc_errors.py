@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from server.errors import DOMAIN_ERRORS, ErrorKind, InvalidRequest, kind_of
+from server.errors import DOMAIN_ERRORS, RETRY_AFTER_SECONDS, ErrorKind, InvalidRequest, kind_of
 
 GRPC_STATUS = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -25,6 +25,14 @@ GRPC_STATUS = {
 def status_of(exc: Exception) -> grpc.StatusCode:
     """The status of a domain error (one of DOMAIN_ERRORS)."""
     return GRPC_STATUS[kind_of(exc)]
+
+
+async def abort_with(context, exc: Exception) -> None:
+    """Ends the call with the error's status and message, and its retry hint when it has one."""
+    retry = RETRY_AFTER_SECONDS.get(kind_of(exc))
+    if retry is not None:
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(retry * 1000)),))
+    await context.abort(status_of(exc), str(exc))
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -85,7 +93,7 @@ def _returning(behavior, stream: bool = False):
             request = _checked(request) if stream else _check(request)
             return await behavior(request, context)
         except DOMAIN_ERRORS as exc:
-            await context.abort(status_of(exc), str(exc))
+            await abort_with(context, exc)
     return wrapped
 
 
@@ -95,5 +103,5 @@ def _streaming(behavior):
             async for message in behavior(_check(request), context):
                 yield message
         except DOMAIN_ERRORS as exc:
-            await context.abort(status_of(exc), str(exc))
+            await abort_with(context, exc)
     return wrapped

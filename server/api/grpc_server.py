@@ -22,6 +22,7 @@ from server.engine.core import FinishReason, GenerationRequest
 from server.engine.sampler import SamplingParams
 from server.serving import Backend, Tokens
 
+PENDING_CALLS = 100_000
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 FINISH_REASONS = {
@@ -103,7 +104,13 @@ async def start_grpc_server(address: str, backend: Backend, *, tokens: Tokens = 
     The Admin service is offered only when an admin token is configured.
     """
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes),
+               # grpc-core queues calls the aio server has not picked up yet, and past 1,000 of
+               # them cancels the oldest with a bare CANCELLED. The engine's --max-queue is the
+               # one overload control (RESOURCE_EXHAUSTED with a retry hint), so that queue is
+               # made large enough never to decide first.
+               ("grpc.server.max_pending_requests", PENDING_CALLS),
+               ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS)]
     server = grpc.aio.server(interceptors=[AuthInterceptor(tokens), ErrorInterceptor()],
                              options=options)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(backend), server)

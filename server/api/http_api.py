@@ -34,7 +34,8 @@ from adapters_registry.store import InvalidNameError
 from server.engine.async_engine import Engine
 from server.engine.core import FinishReason, GenerationRequest, RequestOutput, render_chat
 from server.engine.sampler import SamplingParams
-from server.errors import DOMAIN_ERRORS, ConfigError, ErrorKind, InvalidRequest, kind_of
+from server.errors import (DOMAIN_ERRORS, RETRY_AFTER_SECONDS, ConfigError, ErrorKind,
+                           InvalidRequest, kind_of)
 from server.serving import Backend, Tokens, check_bearer
 
 T = TypeVar("T")
@@ -65,10 +66,12 @@ MIN_LOGPROB = -9999.0  # -inf is not JSON
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type, param, code)
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
 
 class _ClientGone(Exception):
@@ -414,8 +417,10 @@ def _error_body(e: ApiError) -> dict:
 
 
 def _error_response(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(e.retry_after)
+    return JSONResponse(_error_body(e), status_code=e.status, headers=headers or None)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -425,7 +430,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request, exc: Exception):
         status, kind, code = HTTP_ERRORS[kind_of(exc)]
-        return _error_response(ApiError(status, str(exc), kind, code=code))
+        return _error_response(ApiError(status, str(exc), kind, code=code,
+                                        retry_after=RETRY_AFTER_SECONDS.get(kind_of(exc))))
 
     for kind in DOMAIN_ERRORS:
         app.add_exception_handler(kind, domain_error)
