@@ -157,7 +157,7 @@ def _run_serve(args) -> None:
 
     registry_config = from_arguments(args, RegistryConfig)
     server_config = from_arguments(args, ServerConfig)
-    from_arguments(args, EngineConfig)  # flag errors now, before the port opens
+    max_rank = from_arguments(args, EngineConfig).max_rank  # flag errors now, before the port opens
     store_path = registry_config.store_path(from_arguments(args, DemoConfig).cache_path)
     opened = []
 
@@ -167,8 +167,7 @@ def _run_serve(args) -> None:
         store = AdapterStore(store_path, keep_versions=registry_config.keep_versions)
         opened.append(store)
         core = _load_core(args, registry=lambda spec: make_registry(
-            spec, from_arguments(args, EngineConfig).max_rank, store=store,
-            config=registry_config))
+            spec, max_rank, store=store, config=registry_config))
         opened.append(core.registry)
         log.info("adapter store %s: %d adapters", store.root, len(store))
         return core

@@ -49,8 +49,9 @@ def _kill_leftovers() -> None:
 
 
 def unused_port() -> int:
-    """A loopback port nothing listened on a moment ago. Only for tools that cannot pick their
-    own: start them with `retrying_on_a_taken_port`, since another process may take it first."""
+    """A loopback port nothing listened on a moment ago: for a client that must find no server,
+    or a tool that cannot pick its own port (start it with `retrying_on_a_taken_port`, since
+    another process may take the port first)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -176,11 +176,6 @@ def test_read_s3_refuses_a_path_that_is_not_an_s3_uri():
 
 # ---- S3 against a real server -------------------------------------------------------------------
 
-def free_port() -> int:
-    """A loopback port nothing listens on (for clients that must fail to connect)."""
-    return processes.unused_port()
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """moto's standalone S3-compatible server, a subprocess on loopback, for this module."""
@@ -343,7 +338,8 @@ def test_s3_missing_object_is_refused(aws_env, uri, missing):
 
 
 def test_s3_unreachable_endpoint_is_a_clean_unavailable_error(buckets):
-    client = s3_client(f"http://127.0.0.1:{free_port()}", connect_timeout=1, read_timeout=1,
+    closed = processes.unused_port()
+    client = s3_client(f"http://127.0.0.1:{closed}", connect_timeout=1, read_timeout=1,
                        retries={"max_attempts": 1})
     with pytest.raises(SourceUnavailableError) as exc_info:
         read_s3(f"s3://adapters/team/{ADAPTER}", name=ADAPTER, client=client)
@@ -352,7 +348,7 @@ def test_s3_unreachable_endpoint_is_a_clean_unavailable_error(buckets):
 
 
 def test_s3_unreachable_endpoint_from_the_environment(aws_env, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{processes.unused_port()}")
     with pytest.raises(SourceUnavailableError) as exc_info:
         read_s3(f"s3://adapters/team/{ADAPTER}", name=ADAPTER)
     assert_error(exc_info, adapter=ADAPTER, file=f"s3://adapters/team/{ADAPTER}/{WEIGHTS_FILE}",

@@ -435,11 +435,6 @@ def test_clients_send_the_adapter_as_x_adapter_id_with_their_token(recording_ser
 # Three real replicas
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (for a client that must find no server)."""
-    return processes.unused_port()
-
-
 def wait_until(condition, what: str, limit: float = 120.0):
     """Polls `condition` until it returns something true; `limit` only bounds a hang."""
     deadline = time.monotonic() + limit
@@ -499,7 +494,8 @@ def test_image_healthcheck_command_passes_on_a_serving_replica_only(replicas):
     serving = subprocess.run(command, env={**os.environ, "LORAPLEX_PORT": str(replica.port)},
                              capture_output=True, timeout=60)
     assert serving.returncode == 0, serving.stderr
-    nobody = subprocess.run(command, env={**os.environ, "LORAPLEX_PORT": str(free_port())},
+    closed = str(processes.unused_port())
+    nobody = subprocess.run(command, env={**os.environ, "LORAPLEX_PORT": closed},
                             capture_output=True, timeout=60)
     assert nobody.returncode != 0
 
@@ -524,7 +520,7 @@ def test_poststart_hook_registers_the_listed_adapters_once_serving(replicas, dem
     result = subprocess.run(hook, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "expected 'NAME SOURCE'" in result.stderr
     listing.write_text("# nothing yet\n")
-    result = subprocess.run(hook, env={**env, "LORAPLEX_PORT": str(free_port())},
+    result = subprocess.run(hook, env={**env, "LORAPLEX_PORT": str(processes.unused_port())},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0  # an empty list does not even wait for the server
 

@@ -404,7 +404,10 @@ def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = Non
         torch.set_num_threads(config.threads)
     model = load_model(config.model, quantize=config.quantize, device=config.device,
                        dtype=DTYPES[config.dtype])
-    adapter_registry = (registry or (lambda spec: make_registry(spec, config.max_rank)))(model.spec)
+    if registry is None:
+        adapter_registry = make_registry(model.spec, config.max_rank)
+    else:
+        adapter_registry = registry(model.spec)
     for name, path in (adapters or {}).items():
         adapter_registry.register(name, *read_adapter_files(
             Path(path), name, adapter_registry.max_adapter_bytes))
