@@ -162,8 +162,12 @@ class _Entry:
 class AdapterStore:
     """The local store; thread-safe within its one owning process."""
 
-    def __init__(self, root: str | Path, *, keep_versions: int = 1, verify_on_open: bool = False):
+    def __init__(self, root: str | Path, *, keep_versions: int = 1, verify_on_open: bool = False,
+                 worker_init: Callable[[], None] | None = None):
         """Opens (creating if needed) the store at `root` and recovers it.
+
+        worker_init: runs first on the thread that hashes blobs as they are read (the server
+            makes it a background thread, like the registry's load threads).
 
         keep_versions: how many versions older than the current one a replace keeps readable.
         verify_on_open: hash every referenced blob now (reads the whole store); otherwise only
@@ -183,6 +187,7 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._index: dict[str, _Entry] = {}
         self._hash_pool: ThreadPoolExecutor | None = None  # sha256 of blobs being read
+        self._worker_init = worker_init
         self._bad_blobs: dict[str, str] = {}
         # blob hex -> identity (inode, size, mtime, ctime) of the file when this process last
         # found or wrote its sha256 correct. A read of an unchanged file skips the hash: any
@@ -435,7 +440,8 @@ class AdapterStore:
     def _hasher(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._hash_pool is None:
-                self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="store-sha256")
+                self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="store-sha256",
+                                                     initializer=self._worker_init)
             return self._hash_pool
 
     def versions(self, name: str) -> list[AdapterRecord]:

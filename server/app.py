@@ -10,6 +10,7 @@ to finish, then the engine stops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from server.api.request_log import log_request
 from server.config import ServerConfig
 from server.engine.async_engine import Engine, RequestRecord
 from server.engine.core import EngineCore
-from server.engine.threads import run_on_own_thread, single_threaded
+from server.engine.threads import background, run_on_own_thread
 from server.serving import Backend, Tokens, load_tokens
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class RunningServer:
             self.metrics.observe(record)
             log_request(record)
 
+        # Every object alive now (the model, the tokenizer's tables) is kept out of the
+        # collector's full passes: one over them holds the GIL for a long while, and when it
+        # runs on a low-priority background thread the step loop waits that long.
+        gc.freeze()
         engine = Engine(core, observer=observe)
         self.backend.set_ready(engine)
         return engine
@@ -96,9 +101,10 @@ async def serve(load: Callable[[], EngineCore], config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     engine = http = None
     # Helper threads touch torch single-threaded and the model loads on a thread that ends, so
-    # the engine's loop thread holds the only OpenMP pool (server/engine/threads.py).
+    # the engine's loop thread holds the only OpenMP pool; the default executor runs admin work
+    # (uploads: validation, hashing) at background priority (server/engine/threads.py).
     loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="loraplex-io",
-                                                 initializer=single_threaded))
+                                                 initializer=background))
     loading = asyncio.wrap_future(run_on_own_thread(load, "loraplex-load"))
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -131,7 +137,8 @@ async def serve(load: Callable[[], EngineCore], config: ServerConfig) -> None:
 
 
 async def _start_http(running: RunningServer, tokens: Tokens, config: ServerConfig, port: int):
-    app = create_app(running.backend, tokens, running.metrics.registry)
+    app = create_app(running.backend, tokens, running.metrics.registry,
+                     max_body_bytes=int(config.max_message_mb * 2**20))
     http = await start_http_server(app, config.host, port,
                                    grace=config.grace_seconds, cert_file=config.tls_cert_file,
                                    key_file=config.tls_key_file,

@@ -163,8 +163,10 @@ def _run_serve(args) -> None:
 
     def load():
         from server.engine.core import make_registry
+        from server.engine.threads import background
 
-        store = AdapterStore(store_path, keep_versions=registry_config.keep_versions)
+        store = AdapterStore(store_path, keep_versions=registry_config.keep_versions,
+                             worker_init=background)
         opened.append(store)
         core = _load_core(args, registry=lambda spec: make_registry(
             spec, max_rank, store=store, config=registry_config))

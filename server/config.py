@@ -19,6 +19,8 @@ from server.errors import ConfigError
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LORA_KERNEL_CHOICES = ("auto", "cpp", "torch")
+ADMISSION_CHOICES = ("fair", "fcfs")
+BASE_MODEL_WEIGHT_NAME = "_base"  # the base model's name in --adapter-weights
 DEMO_CHOICES = ("smollm2", "tiny")
 
 
@@ -76,6 +78,30 @@ class EngineConfig:
         default=1024,
         metadata={"help": "Most requests waiting for a place in the running batch; more are "
                           "refused with RESOURCE_EXHAUSTED."})
+    admission: str = field(
+        default="fair",
+        metadata={"help": "Which waiting request joins the batch next: fair = the adapter that "
+                          "has been served the fewest tokens (per weight) among those with "
+                          "requests waiting, so one adapter's flood delays only that adapter; "
+                          "fcfs = arrival order.",
+                  "choices": ADMISSION_CHOICES})
+    adapter_weights: str = field(
+        default="",
+        metadata={"help": "Shares under --admission fair, as NAME=WEIGHT,NAME=WEIGHT (default "
+                          "weight 1; the base model is _base): an adapter of weight 2 is served "
+                          "twice the tokens of one of weight 1 when both have requests waiting."})
+    max_running_per_adapter: int = field(
+        default=0,
+        metadata={"help": "Most sequences of one adapter in the running batch; 0 = no limit."})
+    max_queue_per_adapter: int = field(
+        default=0,
+        metadata={"help": "Most requests of one adapter waiting; more are refused with "
+                          "RESOURCE_EXHAUSTED / 429 and a retry hint. 0 = only --max-queue."})
+    max_slot_writes_per_step: int = field(
+        default=1,
+        metadata={"help": "Most adapters copied into device slots before one step (each costs "
+                          "the running batch a pause); more cold adapters wait for later steps. "
+                          "0 = no limit."})
     lora_kernel: str = field(
         default="auto",
         metadata={"help": "Which code applies the adapters on the CPU: auto = the C++ kernel "
@@ -93,6 +119,14 @@ class EngineConfig:
                      "kv_block_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.admission not in ADMISSION_CHOICES:
+            raise ConfigError(f"--admission must be one of {ADMISSION_CHOICES}, "
+                              f"not {self.admission!r}")
+        for name in ("max_running_per_adapter", "max_queue_per_adapter",
+                     "max_slot_writes_per_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = no limit)")
+        self.weights()  # raises on a malformed --adapter-weights
         if self.kv_cache_mb <= 0:
             raise ConfigError("--kv-cache-mb must be positive")
         if self.max_step_tokens < self.max_batch_size:
@@ -100,6 +134,22 @@ class EngineConfig:
                               "(every running sequence needs one token per step)")
         if self.model is not None and not Path(self.model).is_dir():
             raise ConfigError(f"model directory not found: {self.model}")
+
+    def weights(self) -> dict[str, float]:
+        """--adapter-weights as adapter name -> weight ("" for the base model)."""
+        weights = {}
+        for item in filter(None, (part.strip() for part in self.adapter_weights.split(","))):
+            name, sep, value = item.partition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = 0.0
+            if not sep or not name.strip() or not weight > 0:
+                raise ConfigError(f"--adapter-weights: {item!r} is not NAME=WEIGHT with a "
+                                  f"positive weight")
+            name = name.strip()
+            weights["" if name == BASE_MODEL_WEIGHT_NAME else name] = weight
+        return weights
 
 
 @dataclass
@@ -125,8 +175,15 @@ class RegistryConfig:
     keep_versions: int = field(
         default=1,
         metadata={"help": "Older versions kept in the store after a replace."})
+    load_threads: int = field(
+        default=0,
+        metadata={"help": "Threads loading adapters from the store into host RAM (background "
+                          "priority); 0 = one per 4 CPUs, at least 1. Each competes with the "
+                          "running batch for the CPU and the GIL."})
 
     def validate(self) -> None:
+        if self.load_threads < 0:
+            raise ConfigError("--load-threads must be >= 0 (0 = one per 4 CPUs)")
         if self.adapter_cache_mb <= 0:
             raise ConfigError("--adapter-cache-mb must be positive")
         if self.max_adapter_mb <= 0:
@@ -140,6 +197,10 @@ class RegistryConfig:
     @property
     def source_roots(self) -> list[Path]:
         return [Path(p) for p in self.adapter_source_roots.split(os.pathsep) if p]
+
+    @property
+    def load_workers(self) -> int:
+        return self.load_threads or max(1, (os.cpu_count() or 1) // 4)
 
     def store_path(self, cache_dir: Path) -> Path:
         return Path(self.store).expanduser() if self.store else cache_dir / "adapter-store"
@@ -227,7 +288,8 @@ class ServerConfig:
         metadata={"help": "On SIGTERM, how long in-flight requests may take to finish."})
     max_message_mb: float = field(
         default=8.0,
-        metadata={"help": "Largest gRPC message accepted, in MiB (uploads are chunked)."})
+        metadata={"help": "Largest gRPC message and HTTP request body accepted, in MiB "
+                          "(uploads are chunked); a larger HTTP body is refused with 413."})
     top_adapters: int = field(
         default=20,
         metadata={"help": "Per-adapter metrics name the K busiest adapters; the rest count "

@@ -27,7 +27,8 @@ def serving(core, http: bool = False, **options) -> Iterator[tuple[grpc.Channel,
         running = state["running"] = await create_server(core, "127.0.0.1:0", **options)
         if http:
             app = create_app(running.backend, options.get("tokens", Tokens(None, None)),
-                             running.metrics.registry)
+                             running.metrics.registry,
+                             max_body_bytes=options.get("max_message_bytes", 8 << 20))
             state["http"] = await start_http_server(app, "127.0.0.1", 0)
             running.http_url = f"http://127.0.0.1:{bound_port(state['http'][0])}"
         started.set()

@@ -105,6 +105,27 @@ def test_counters_and_histograms_count_exactly_what_was_served(served):
     assert value("loraplex_serving_bytes") > value("loraplex_base_model_bytes")
 
 
+def test_per_adapter_gauges_show_who_runs_and_who_waits(tiny_model_dir, tiny_adapter_dirs):
+    core = make_core(tiny_model_dir, {"a8": tiny_adapter_dirs["all-r8"],
+                                      "a4": tiny_adapter_dirs["attn-r4"]}, max_batch_size=1)
+    with serving(core) as (channel, running):
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        value = running.metrics.registry.get_sample_value
+        long = stub.GenerateStream(pb.GenerateRequest(
+            prompt_token_ids=[1, 2, 3], adapter_id="a8",
+            params=pb.SamplingParams(max_new_tokens=400, ignore_eos=True)))
+        next(long)  # a8 holds the one place in the batch
+        queued = stub.Generate.future(greedy([4, 5], "a4", 2))
+        deadline = time.monotonic() + 60
+        while value("loraplex_adapter_requests_waiting", {"adapter": "a4"}) != 1:
+            assert time.monotonic() < deadline, "a4's request never showed as waiting"
+            time.sleep(0.01)
+        assert value("loraplex_adapter_requests_running", {"adapter": "a8"}) == 1
+        assert value("loraplex_adapter_requests_running", {"adapter": "a4"}) is None
+        long.cancel()
+        assert queued.result(timeout=60).usage.completion_tokens == 2
+
+
 def test_adapter_labels_keep_the_busiest_and_never_shrink_a_series():
     labels = AdapterLabels(k=2, every=10)
     assert [labels.label(a) for a in ("x", "y", "z")] == ["x", "y", OTHER_LABEL]

@@ -57,9 +57,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             yield message
 
     async def Tokenize(self, request, context):
-        ids = self.backend.ready().core.tokenizer(request.text,
-                                         add_special_tokens=request.add_special_tokens)["input_ids"]
+        ready = self.backend.ready()
+        ready.core.check_text_length("the text", len(request.text))
+        ids = await ready.engine.off_loop(_token_ids, ready.core.tokenizer, request.text,
+                                          request.add_special_tokens)
         return inference_pb2.TokenizeResponse(token_ids=ids)
+
+
+def _token_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationRequest:

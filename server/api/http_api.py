@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import ssl
@@ -27,15 +28,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from adapters_registry.store import InvalidNameError
 from server.engine.async_engine import Engine
-from server.engine.core import FinishReason, GenerationRequest, RequestOutput, render_chat
+from server.engine.core import FinishReason, GenerationRequest, RequestOutput
 from server.engine.sampler import SamplingParams
-from server.errors import (DOMAIN_ERRORS, RETRY_AFTER_SECONDS, ConfigError, ErrorKind,
-                           InvalidRequest, kind_of)
+from server.errors import DOMAIN_ERRORS, RETRY_AFTER_SECONDS, ConfigError, ErrorKind, kind_of
 from server.serving import Backend, Tokens, check_bearer
 
 T = TypeVar("T")
@@ -62,6 +62,7 @@ UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias":
 OPENAI_TEMPERATURE = 1.0  # the OpenAI API's default; the gRPC API's is 0 (greedy)
 COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 MIN_LOGPROB = -9999.0  # -inf is not JSON
+DRAIN_FACTOR = 4  # a body over the limit is read and dropped up to this many times the limit
 
 
 class ApiError(Exception):
@@ -129,8 +130,10 @@ class ChatBody(_Sampling):
 
 # ---- the app ---------------------------------------------------------------------------------
 
-def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegistry) -> FastAPI:
-    """The app over `backend` (its engine and registry, once loaded)."""
+def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegistry, *,
+               max_body_bytes: int = 8 << 20) -> FastAPI:
+    """The app over `backend` (its engine and registry, once loaded). Request bodies above
+    `max_body_bytes` (--max-message-mb, as for gRPC) are refused with 413 unread."""
     app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tokens))])
 
@@ -147,7 +150,8 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
                "parent": model.name} for name, at in adapters)]}
 
     @v1.post("/completions")
-    async def completions(body: CompletionBody, request: Request):
+    async def completions(request: Request):
+        body = await _read_body(request, CompletionBody, backend, max_body_bytes)
         engine, adapter = _resolve(backend, body)
         logprobs = body.logprobs is not None
         params = _sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS, logprobs)
@@ -176,13 +180,15 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
         return await _event_stream(request, engine, gen, body.model, chunks)
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatBody, request: Request):
+    async def chat_completions(request: Request):
+        body = await _read_body(request, ChatBody, backend, max_body_bytes)
         engine, adapter = _resolve(backend, body)
-        ids = _chat_prompt(engine.core.tokenizer, body.messages)
-        max_tokens = (body.max_completion_tokens or body.max_tokens
-                      or max(1, engine.core.max_model_len - len(ids)))
-        params = _sampling(body, max_tokens, bool(body.logprobs))
-        gen = GenerationRequest(prompt_token_ids=ids, adapter_id=adapter, params=params)
+        messages = _chat_messages(engine.core.tokenizer, body.messages)
+        # No max tokens given: up to the context length (None), once the engine has rendered
+        # the conversation on a preparation thread.
+        params = _sampling(body, body.max_completion_tokens or body.max_tokens,
+                           bool(body.logprobs))
+        gen = GenerationRequest(messages=messages, adapter_id=adapter, params=params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body.model}
         tokenizer = engine.core.tokenizer
@@ -278,8 +284,32 @@ def _prompt(prompt: str | list) -> dict:
                         "per request are not supported", param="prompt")
 
 
-def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """The conversation rendered with the model's chat template: prompt token ids."""
+async def _read_body(request: Request, model: type[T], backend: Backend, max_bytes: int) -> T:
+    """The JSON body as `model`, parsed and validated on a preparation thread, off the event
+    loop. Past `max_bytes` it is refused with 413 and never kept: the rest is read and dropped
+    (up to DRAIN_FACTOR x the limit, so the client can read the answer; beyond that the
+    connection is closed)."""
+    chunks, size = [], 0
+    declared = request.headers.get("content-length", "")
+    if not (declared.isdigit() and int(declared) > DRAIN_FACTOR * max_bytes):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > DRAIN_FACTOR * max_bytes:
+                break
+            if size <= max_bytes:
+                chunks.append(chunk)
+    if size > max_bytes or (declared.isdigit() and int(declared) > max_bytes):
+        raise ApiError(413, f"the request body is larger than {max_bytes} bytes "
+                            f"(--max-message-mb)", code="request_too_large")
+    engine = backend.ready().engine
+    try:
+        return await engine.off_loop(model.model_validate_json, b"".join(chunks))
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _chat_messages(tokenizer, messages: list[ChatMessage]) -> list[dict]:
+    """The conversation as the chat template takes it: text content parts joined."""
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template, so chat completions "
                             "are not available; use /v1/completions", param="messages",
@@ -293,20 +323,19 @@ def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
                                param="messages", code="unsupported_parameter")
             content = "".join(part.text or "" for part in content)
         rendered.append({**m.model_dump(exclude_none=True), "content": content or ""})
-    try:
-        return render_chat(tokenizer, rendered)
-    except InvalidRequest as exc:
-        raise ApiError(400, str(exc), param="messages") from None
+    return rendered
 
 
-def _sampling(body: _Sampling, max_tokens: int, logprobs: bool) -> SamplingParams:
+def _sampling(body: _Sampling, max_tokens: int | None, logprobs: bool) -> SamplingParams:
+    """max_tokens None: as many as the context length leaves."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return SamplingParams.given(
+    params = SamplingParams.given(
         max_new_tokens=max_tokens,
         temperature=OPENAI_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
         stop_token_ids=body.stop_token_ids, repetition_penalty=body.repetition_penalty,
         logprobs=logprobs, ignore_eos=body.ignore_eos)
+    return params if max_tokens is not None else dataclasses.replace(params, max_new_tokens=None)
 
 
 def _check_finished(finish_reason: str) -> None:

@@ -176,10 +176,25 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("loraplex_engine_sampled_tokens",
                                   "Tokens sampled by the engine, counted at every step.",
                                   value=stats.generated_tokens)
+        yield from _per_adapter_series(stats)
         yield from _cost_series(ready.cost, registry)
         yield from _tier_series(stats, registry)
         if self.vllm_metrics:
             yield from _vllm_series(stats, ready.core.config.max_slots)
+
+
+def _per_adapter_series(stats: EngineStats):
+    """Running and waiting sequences of each adapter that has any (at most the batch size plus
+    --max-queue series). Tokens served per adapter: loraplex_adapter_{prompt,generation}_tokens."""
+    for name, counts, what in (("running", stats.running_by_adapter, "in the running batch"),
+                               ("waiting", stats.waiting_by_adapter, "waiting for it")):
+        family = GaugeMetricFamily(f"loraplex_adapter_requests_{name}",
+                                   f"Sequences of each adapter {what} ({BASE_LABEL} = the base "
+                                   f"model); adapters with none are not listed.",
+                                   labels=["adapter"])
+        for adapter, n in sorted(counts.items()):
+            family.add_metric([adapter or BASE_LABEL], n)
+        yield family
 
 
 def _cost_series(base, registry):

@@ -3,7 +3,10 @@
 The step loop owns the core. Other threads talk to it through an inbox of commands, applied
 between steps, and receive outputs through their event loop (`call_soon_threadsafe`).
 
-A request's adapter is leased from the core's registry before the request reaches the loop (a
+A request is prepared (checked, its prompt tokenized: `EngineCore.prepare`) on a pool of
+preparation threads, so a large or slow prompt delays only itself, never the step loop or the
+event loop; the faces run their own per-request parsing there too (`Engine.off_loop`). Its
+adapter is leased from the core's registry before the request reaches the loop (a
 cold one is loaded on the registry's worker threads while the loop keeps stepping); the core
 releases the lease when the request ends, however it ends. After every step the loop publishes
 an `EngineStats` snapshot (`Engine.stats`) for metrics and the admin API. An observer (metrics,
@@ -19,16 +22,19 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from adapters_registry.host_cache import AdapterLease
 from server.engine.core import EngineCore, GenerationRequest, RequestOutput
 from server.engine.stats import EngineStats
-from server.engine.threads import loop_threads
+from server.engine.threads import loop_threads, single_threaded
 from server.errors import ErrorKind, kind_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+PREPARE_THREADS = 4  # requests prepared at once; a slow one leaves the others three
 
 
 @dataclass
@@ -80,6 +86,9 @@ class Engine:
         self._wake = threading.Event()
         self._requests: dict[str, _Tracked] = {}  # on the loop thread
         self._ids = itertools.count()
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS,
+                                                thread_name_prefix="loraplex-prepare",
+                                                initializer=single_threaded)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
@@ -113,6 +122,7 @@ class Engine:
         submitted = time.monotonic()
         added = loop.create_future()
         try:
+            prepared = await self.off_loop(self.core.prepare, request)
             lease = await self._lease(request)
         except Exception as exc:
             self._refused(request_id, request, submitted, exc)
@@ -123,7 +133,7 @@ class Engine:
 
         def add() -> None:
             try:  # the core owns the lease from here, and releases it if it refuses
-                self.core.add_request(request, request_id, adapter=lease)
+                self.core.add_prepared(prepared, request_id, adapter=lease)
                 self._requests[request_id] = _Tracked(deliver, request.adapter_id, submitted)
                 loop.call_soon_threadsafe(_resolve, added, None)
             except Exception as exc:  # validation errors travel back to the caller
@@ -144,6 +154,11 @@ class Engine:
         finally:
             if not finished:
                 self._submit(lambda: self._abort(request_id))
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on a preparation thread: per-request work that may be large (parsing,
+        tokenizing) stays off the event loop and off the step loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     async def _lease(self, request: GenerationRequest) -> AdapterLease | None:
         """The registry's lease on the request's adapter, waiting for a cold load if needed."""
@@ -172,6 +187,7 @@ class Engine:
         self._stopping = True
         self._wake.set()
         self._thread.join()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the loop thread ------------------------------------------------------------------
 

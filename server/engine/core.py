@@ -12,6 +12,7 @@ forward pass and samples.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -28,6 +29,7 @@ from adapters_registry.registry import AdapterRegistry
 from adapters_registry.spec import BaseModelSpec
 from server.config import EngineConfig, RegistryConfig
 from server.engine.adapter_slots import AdapterSlots
+from server.engine.admission import BASE_TENANT, make_waiting_queue
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import SampleRow, SamplingParams, make_generator, sample
@@ -58,6 +60,15 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     adapter_id: str | None = None  # None or "" = base model
     params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class PreparedRequest:
+    """A request checked and tokenized, ready to queue (`EngineCore.prepare`)."""
+
+    prompt_ids: list[int]
+    adapter_id: str | None
+    params: SamplingParams
 
 
 @dataclass
@@ -99,9 +110,18 @@ class EngineCore:
                                         compute_dtype=model.dtype)
         self.kv = _make_kv_cache(model, config)
         self.max_model_len = _max_model_len(model, config, self.kv)
+        # A prompt longer than this many characters cannot fit max_model_len tokens: no token
+        # covers more than the vocabulary's longest entry (x2 for normalizers that merge
+        # characters). Checked before tokenizing, so an oversized prompt costs nothing.
+        self.max_prompt_chars = (self.max_model_len * 2
+                                 * max(map(len, self.tokenizer.get_vocab()), default=1))
         self.slots = AdapterSlots(config.max_slots)
-        self.scheduler = Scheduler(self.kv, self.slots, max_batch_size=config.max_batch_size,
-                                   max_step_tokens=config.max_step_tokens)
+        self.scheduler = Scheduler(
+            self.kv, self.slots, max_batch_size=config.max_batch_size,
+            max_step_tokens=config.max_step_tokens,
+            waiting=make_waiting_queue(config.admission, config.weights()),
+            max_running_per_adapter=config.max_running_per_adapter,
+            max_slot_writes_per_step=config.max_slot_writes_per_step)
         self.runner = ModelRunner(model.hf, self.kv, self.lora)
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}
@@ -126,48 +146,81 @@ class EngineCore:
 
         `adapter`: a lease on `request.adapter_id`, which the core releases when the request ends
         (or is refused here). Without one, the core leases the adapter itself, waiting while a
-        cold one loads: the async Engine leases off the loop thread and passes the lease.
+        cold one loads. The async Engine prepares requests and leases adapters off the loop
+        thread, then calls `add_prepared`.
         """
-        if request.adapter_id and adapter is None:
-            adapter = self.registry.acquire(request.adapter_id).result()
         try:
-            return self._add(request, request_id or f"req-{next(self._ids)}", adapter)
+            prepared = self.prepare(request)
         except BaseException:
             if adapter is not None:
                 self.registry.release(adapter)
             raise
+        if request.adapter_id and adapter is None:
+            adapter = self.registry.acquire(request.adapter_id).result()
+        return self.add_prepared(prepared, request_id, adapter)
 
-    def _add(self, request: GenerationRequest, request_id: str,
-             adapter: AdapterLease | None) -> str:
-        if len(self.scheduler.waiting) >= self.config.max_queue:
-            raise Overloaded(f"server overloaded: {len(self.scheduler.waiting)} requests are "
-                             f"waiting (--max-queue {self.config.max_queue}); retry later")
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Checks a request and tokenizes its prompt. Reads only the model's tokenizer and
+        limits, so any thread may call it (the async Engine uses a pool): a large prompt costs
+        its own time, not the step loop's."""
         prompt_ids = self._prompt_ids(request)
         params = request.params
+        if params.max_new_tokens is None:  # as many as the context leaves
+            params = dataclasses.replace(params,
+                                         max_new_tokens=max(1, self.max_model_len - len(prompt_ids)))
         params.validate(self.model.spec.vocab_size)
         if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                                  f"({params.max_new_tokens}) exceeds the maximum sequence length "
                                  f"{self.max_model_len}")
-        self._check_adapter(request, adapter)
+        return PreparedRequest(prompt_ids, request.adapter_id or None, params)
+
+    def add_prepared(self, prepared: PreparedRequest, request_id: str | None = None,
+                     adapter: AdapterLease | None = None) -> str:
+        """Queues a prepared request (on the core's thread); releases `adapter` if refused."""
+        try:
+            return self._add(prepared, request_id or f"req-{next(self._ids)}", adapter)
+        except BaseException:
+            if adapter is not None:
+                self.registry.release(adapter)
+            raise
+
+    def _add(self, prepared: PreparedRequest, request_id: str,
+             adapter: AdapterLease | None) -> str:
+        self._check_queue(prepared.adapter_id or BASE_TENANT)
+        self._check_adapter(prepared.adapter_id, adapter)
+        params = prepared.params
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             generator = make_generator(seed)
-        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params,
+        seq = Sequence(request_id=request_id, prompt_ids=prepared.prompt_ids, params=params,
                        adapter=adapter, generator=generator)
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
         return request_id
 
-    def _check_adapter(self, request: GenerationRequest, lease: AdapterLease | None) -> None:
-        if not request.adapter_id:
+    def _check_queue(self, tenant: str) -> None:
+        waiting = self.scheduler.waiting
+        if len(waiting) >= self.config.max_queue:
+            raise Overloaded(f"server overloaded: {len(waiting)} requests are waiting "
+                             f"(--max-queue {self.config.max_queue}); retry later")
+        limit = self.config.max_queue_per_adapter
+        if limit and waiting.counts[tenant] >= limit:
+            what = f"adapter {tenant!r}" if tenant else "the base model"
+            raise Overloaded(f"{what} has {waiting.counts[tenant]} requests waiting "
+                             f"(--max-queue-per-adapter {limit}); retry later")
+
+    def _check_adapter(self, adapter_id: str | None, lease: AdapterLease | None) -> None:
+        if not adapter_id:
             if lease is not None:
                 raise InvalidRequest("an adapter lease was given for a base-model request")
             return
-        if lease.key.name != request.adapter_id:
+        if lease is None:
+            raise InvalidRequest(f"no lease was given for adapter {adapter_id!r}")
+        if lease.key.name != adapter_id:
             raise InvalidRequest(f"the lease is for adapter {lease.key.name!r}, the request names "
-                                 f"{request.adapter_id!r}")
+                                 f"{adapter_id!r}")
         if lease.weights.rank > self.config.max_rank:
             raise InvalidRequest(f"adapter {lease.key.name!r} has rank {lease.weights.rank}, "
                                  f"above --max-rank {self.config.max_rank}")
@@ -198,17 +251,31 @@ class EngineCore:
         if sum(part is not None for part in given) != 1:
             raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages")
         if request.messages is not None:
+            self.check_text_length("the messages' contents",
+                              sum(len(m.get("content") or "") for m in request.messages))
             ids = render_chat(self.tokenizer, request.messages)
         elif request.prompt is not None:
+            self.check_text_length("the prompt", len(request.prompt))
             ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         else:
-            ids = list(request.prompt_token_ids)
+            ids = request.prompt_token_ids
+            if len(ids) > self.max_model_len:
+                raise InvalidRequest(f"prompt ({len(ids)} tokens) exceeds the maximum sequence "
+                                     f"length {self.max_model_len}")
             vocab = self.model.spec.vocab_size
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
                 raise InvalidRequest(f"prompt_token_ids must be integers in [0, {vocab})")
+            ids = list(ids)
         if not ids:
             raise InvalidRequest("the prompt is empty")
         return ids
+
+    def check_text_length(self, what: str, chars: int) -> None:
+        """Refuses text too long to be a prompt of this model before anyone tokenizes it."""
+        if chars > self.max_prompt_chars:
+            raise InvalidRequest(f"{what} ({chars} characters) is longer than any prompt of "
+                                 f"at most {self.max_model_len} tokens can be (the maximum "
+                                 f"sequence length; at most {self.max_prompt_chars} characters)")
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -417,13 +484,13 @@ def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = Non
 def make_registry(spec: BaseModelSpec, max_rank: int, *, store=None,
                   config: RegistryConfig | None = None) -> AdapterRegistry:
     """A registry for adapters of `spec` kept in `store` (an AdapterStore; None: in RAM), sized
-    by `config`; its load workers run torch single-threaded (server/engine/threads.py)."""
+    by `config`; its load workers are background threads (server/engine/threads.py)."""
     from adapters_registry.memory_store import MemoryStore
-    from server.engine.threads import single_threaded
+    from server.engine.threads import background
 
     config = config or RegistryConfig()
     return AdapterRegistry(store if store is not None else MemoryStore(), spec,
                            max_rank=max_rank, cache_bytes=int(config.adapter_cache_mb * 2**20),
                            allowed_roots=config.source_roots,
                            max_adapter_bytes=int(config.max_adapter_mb * 2**20),
-                           worker_init=single_threaded)
+                           load_workers=config.load_workers, worker_init=background)

@@ -22,7 +22,7 @@ MAX_STOP_STRING_CHARS = 256
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = 16  # None: as many as the context length leaves
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off

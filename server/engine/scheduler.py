@@ -3,8 +3,12 @@
 Each step the scheduler first gives every running sequence its tokens (one for decode, a chunk
 for a prompt still being prefilled), growing its KV blocks; when blocks run out it preempts the
 most recently admitted sequence (its blocks are freed and it is recomputed later). Then it admits
-waiting sequences in arrival order while the step's token budget, the batch size, the free KV
-blocks and the adapter slots allow. A request that does not fit waits; it never fails the batch.
+waiting sequences in the order the admission policy offers them (server/engine/admission.py: fair
+across adapters, or first come first served) while the step's token budget, the batch size, the
+free KV blocks and the adapter slots allow. A sequence whose adapter cannot get a slot, whose
+adapter is at --max-running-per-adapter, or that would exceed the step's slot writes is skipped
+for this step; one that does not fit the free KV blocks stops admission (memory is first come,
+first served). A request that does not fit waits; it never fails the batch.
 
 The scheduler only decides: it places admitted sequences in adapter slots (bookkeeping), and the
 engine writes the adapter versions new to their slot before running the step.
@@ -14,13 +18,14 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from adapters_registry.host_cache import AdapterLease
 from server.engine.adapter_slots import AdapterSlots
+from server.engine.admission import FcfsQueue, WaitingQueue, tenant_of
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import SamplingParams
 
@@ -66,17 +71,23 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, kv: KVCache, slots: AdapterSlots, *, max_batch_size: int,
-                 max_step_tokens: int):
+                 max_step_tokens: int, waiting: WaitingQueue | None = None,
+                 max_running_per_adapter: int = 0, max_slot_writes_per_step: int = 0):
+        """`waiting`: the admission policy's queue (default: first come, first served).
+        The two limits: 0 = none."""
         self.kv = kv
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.max_running_per_adapter = max_running_per_adapter
+        self.max_slot_writes_per_step = max_slot_writes_per_step
+        self.waiting = waiting if waiting is not None else FcfsQueue()
         self.running: list[Sequence] = []  # in admission order
+        self.running_counts: Counter[str] = Counter()  # running sequences per tenant
         self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,6 +103,7 @@ class Scheduler:
             if not self._grow(seq, seq.num_computed + n, scheduled=chunks):
                 continue  # seq itself was preempted
             chunks.append(ScheduledChunk(seq, n))
+            self.waiting.charge(tenant_of(seq), n)
             budget -= n
         self._admit(chunks, budget)
         return chunks
@@ -106,30 +118,45 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
-            seq = self.waiting.popleft()
-            if seq.adapter is not None and not self.slots.can_place(seq.adapter.key):
-                skipped.append(seq)  # every slot busy with other adapters: let later ones try
-                continue
+        slot_writes = 0
+        for seq in self.waiting.offers():
+            if budget == 0 or len(self.running) >= self.max_batch_size:
+                break
+            if not self._may_start(seq, slot_writes):
+                continue  # stays waiting; later ones may start
             n = min(seq.num_tokens, budget)
             blocks = self.kv.blocks_needed(n)
             if blocks > self.kv.allocator.num_free:  # memory is first come, first served
-                self.waiting.appendleft(seq)
                 break
+            self.waiting.remove(seq)
             writes_slot = False
             if seq.adapter is not None:
                 placement = self.slots.acquire(seq.adapter.key)
                 seq.slot, writes_slot = placement.slot, placement.needs_write
+                slot_writes += writes_slot
             seq.block_table = self.kv.allocator.allocate(blocks)
             seq.num_computed = 0
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
+            self.running_counts[tenant_of(seq)] += 1
             chunks.append(ScheduledChunk(seq, n, writes_slot))
+            self.waiting.charge(tenant_of(seq), n)
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+
+    def _may_start(self, seq: Sequence, slot_writes: int) -> bool:
+        """Whether seq's adapter limits let it start now (memory and budget aside)."""
+        limit = self.max_running_per_adapter
+        if limit and self.running_counts[tenant_of(seq)] >= limit:
+            return False
+        if seq.adapter is None:
+            return True
+        if seq.adapter.key in self.slots.slot_of:
+            return True  # its version is in a slot already: nothing to write
+        writes_left = (not self.max_slot_writes_per_step
+                       or slot_writes < self.max_slot_writes_per_step)
+        return writes_left and self.slots.can_place(seq.adapter.key)
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledChunk]) -> bool:
         """Gives seq blocks for num_tokens positions, preempting the newest others if needed."""
@@ -155,9 +182,13 @@ class Scheduler:
         seq.num_computed = 0
         seq.preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.push_front(seq)
 
     def _release(self, seq: Sequence) -> None:
+        tenant = tenant_of(seq)
+        self.running_counts[tenant] -= 1
+        if not self.running_counts[tenant]:
+            del self.running_counts[tenant]
         self.kv.allocator.free(seq.block_table)
         seq.block_table = []
         if seq.adapter is not None and seq.slot >= 0:

@@ -20,8 +20,8 @@ class EngineStats:
     slot_loads: int  # slot writes so far (= slot misses)
     slot_hits: int  # admissions that found their version in a slot
     slot_evictions: int
-    running_adapters: tuple[str, ...]  # names of the adapters of running sequences, sorted
-    waiting_adapters: tuple[str, ...]
+    running_by_adapter: dict[str, int]  # running sequences per adapter ("" = the base model)
+    waiting_by_adapter: dict[str, int]
     preemptions: int
     steps: int  # model steps run so far
     generated_tokens: int  # tokens sampled so far, over all requests
@@ -31,16 +31,22 @@ class EngineStats:
         """Fraction of KV-cache blocks in use, 0-1."""
         return 1 - self.kv_blocks_free / self.kv_blocks
 
+    @property
+    def running_adapters(self) -> tuple[str, ...]:
+        """Names of the adapters of running sequences, sorted."""
+        return tuple(sorted(name for name in self.running_by_adapter if name))
+
+    @property
+    def waiting_adapters(self) -> tuple[str, ...]:
+        return tuple(sorted(name for name in self.waiting_by_adapter if name))
+
     @staticmethod
     def of(scheduler, kv, slots, *, steps: int, generated_tokens: int) -> EngineStats:
         """The snapshot of a scheduler, its KV cache and its slot table (on their thread)."""
-        def names(seqs) -> tuple[str, ...]:
-            return tuple(sorted({s.adapter.key.name for s in seqs if s.adapter is not None}))
-
         return EngineStats(
             running=len(scheduler.running), waiting=len(scheduler.waiting),
             kv_blocks=kv.num_blocks, kv_blocks_free=kv.allocator.num_free,
             slots_in_use=len(slots.slot_of), slot_loads=slots.loads, slot_hits=slots.hits,
-            slot_evictions=slots.evictions, running_adapters=names(scheduler.running),
-            waiting_adapters=names(scheduler.waiting), preemptions=scheduler.preemptions,
-            steps=steps, generated_tokens=generated_tokens)
+            slot_evictions=slots.evictions, running_by_adapter=dict(scheduler.running_counts),
+            waiting_by_adapter=dict(scheduler.waiting.counts),
+            preemptions=scheduler.preemptions, steps=steps, generated_tokens=generated_tokens)

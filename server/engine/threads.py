@@ -8,9 +8,16 @@ on a 2-core machine one idle pool beside the loop thread's makes every small mat
 markedly slower.
 
 So: the model loads on a thread of its own that then ends (`run_on_own_thread`: its pool ends
-with it); helper threads that touch torch (adapter validation, uploads) run their parallel
-regions alone (`single_threaded`); the loop thread sets the configured count (`loop_threads`),
-which OpenMP keeps per thread.
+with it); helper threads that touch torch (request preparation, adapter validation, uploads) run
+their parallel regions alone (`single_threaded`); the loop thread sets the configured count
+(`loop_threads`), which OpenMP keeps per thread.
+
+Background work (adapter loads, validation and hashing of uploads) also runs at the lowest CPU
+priority (`background`: nice 19 for that thread alone, which Linux keeps per thread), so on a
+busy machine the kernel gives the step loop's threads the CPU first and a burst of cold adapters
+slows the running batch little (at normal priority a third busy thread preempts one of the
+step's OpenMP threads, and every parallel region waits for it); on an idle machine the loads run
+at full speed. benchmarks/reports/isolation.md measures the step time at several nice values.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,6 +35,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+BACKGROUND_NICE = 19  # the lowest priority: the kernel weighs such a thread ~1/70 of a normal one
 
 
 def single_threaded() -> None:
@@ -40,6 +49,17 @@ def single_threaded() -> None:
     if libgomp is not None:
         torch.get_num_threads()  # ATen's per-thread lazy init, which would overwrite the 1
         libgomp.omp_set_num_threads(1)
+
+
+def background() -> None:
+    """Makes this thread a background one: torch single-threaded, and BACKGROUND_NICE steps
+    nicer than it was (Linux: per thread; elsewhere a no-op)."""
+    single_threaded()
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE)
+    except (AttributeError, OSError):  # no per-thread priorities here: run at normal priority
+        pass
 
 
 def loop_threads(threads: int) -> None:
