@@ -146,15 +146,7 @@ class ServingServer:
         return self.process.target
 
     def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics as 'name{labels}' -> value."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=30).read().decode()
-        samples = {}
-        for line in text.splitlines():
-            match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
-            if match:
-                samples[match[1]] = float(match[2])
-        return samples
+        return read_metrics(self.metrics_port)
 
     def rss_bytes(self) -> int:
         """The server process's resident memory (VmRSS)."""
@@ -170,11 +162,23 @@ class ServingServer:
         self.process.stop()
 
 
+def read_metrics(port: int) -> dict[str, float]:
+    """Every sample of the /metrics on `port` as 'name{labels}' -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if match:
+            samples[match[1]] = float(match[2])
+    return samples
+
+
 class QueueSampler:
     """Reads the server's running and waiting sequence counts from /metrics every `every`
-    seconds on a thread while a trace runs: how full the running batch was."""
+    seconds on a thread while a trace runs: how full the running batch was. `server`: anything
+    with a `metrics()` method."""
 
-    def __init__(self, server: ServingServer, every: float = 1.0):
+    def __init__(self, server, every: float = 1.0):
         self.server, self.every = server, every
         self.samples: list[tuple[float, float]] = []  # (running, waiting)
         self._stop = threading.Event()
