@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -158,9 +159,10 @@ def test_a_full_adapter_queue_refuses_that_adapter_only_with_a_retry_hint(server
 
 
 def _until_waiting(server, adapter: str, count: int) -> None:
-    stop = threading.Event()
+    """Polls the engine's published stats (at most a minute) until `adapter` has `count`
+    requests waiting."""
     for _ in range(6000):
         if server.backend.ready().engine.stats.waiting_by_adapter.get(adapter) == count:
             return
-        stop.wait(0.01)
+        time.sleep(0.01)
     raise AssertionError(f"{adapter} never had {count} requests waiting")

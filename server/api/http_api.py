@@ -133,7 +133,7 @@ class ChatBody(_Sampling):
 def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegistry, *,
                max_body_bytes: int = 8 << 20) -> FastAPI:
     """The app over `backend` (its engine and registry, once loaded). Request bodies above
-    `max_body_bytes` (--max-message-mb, as for gRPC) are refused with 413 unread."""
+    `max_body_bytes` (--max-message-mb, as for gRPC) are refused with 413, never parsed."""
     app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(tokens))])
 

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from server.engine.scheduler import Sequence
 
 BASE_TENANT = ""
-POLICIES = ("fair", "fcfs")
 
 
 def tenant_of(seq: Sequence) -> str:

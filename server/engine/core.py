@@ -251,8 +251,8 @@ class EngineCore:
         if sum(part is not None for part in given) != 1:
             raise InvalidRequest("give exactly one of prompt, prompt_token_ids and messages")
         if request.messages is not None:
-            self.check_text_length("the messages' contents",
-                              sum(len(m.get("content") or "") for m in request.messages))
+            contents = sum(len(m.get("content") or "") for m in request.messages)
+            self.check_text_length("the messages' contents", contents)
             ids = render_chat(self.tokenizer, request.messages)
         elif request.prompt is not None:
             self.check_text_length("the prompt", len(request.prompt))
