@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import shlex
@@ -49,7 +50,6 @@ import numpy as np
 from benchmarks.core_engine import Log, machine
 from benchmarks.serving_runner import QueueSampler, adapter_name, build_store, read_metrics
 from server.config import EngineConfig, RegistryConfig
-from server.engine.threads import BACKGROUND_NICE
 from server.tools.demo import default_cache_dir
 from server.tools.demo_tasks import prose_questions
 from tests.server_process import ServerProcess, start_server
@@ -70,6 +70,7 @@ BATCH_SEQUENCES = 4  # the decoding batch beside the loads, in the step-time mea
 NICE_LEVELS = (0, 10, 19)
 SLOT_WRITES = EngineConfig().max_slot_writes_per_step  # the server's defaults
 LOAD_THREADS = RegistryConfig().load_workers
+LOAD_NICE = RegistryConfig().load_nice
 TTFT_RATIO = 2.0
 SERVED_RATIO = 0.9
 
@@ -366,7 +367,7 @@ def measure_steps(model_dir: Path, store: Path, nice_levels: tuple[int, ...], lo
         return times
 
     config = EngineConfig(model=model_dir, quantize="nf4", device="cpu")
-    adapters = AdapterStore(store, worker_init=threads.background)  # as `serve` opens it
+    adapters = AdapterStore(store)
     core = load_engine_core(config, registry=lambda spec: make_registry(spec, 64, store=adapters))
     gc.freeze()  # as the server does once loaded
     batch = [core.add_request(GenerationRequest(
@@ -377,9 +378,13 @@ def measure_steps(model_dir: Path, store: Path, nice_levels: tuple[int, ...], lo
     results = []
     try:
         for level, nice in enumerate(nice_levels):
-            threads.BACKGROUND_NICE = nice  # read by each load thread as it starts
+            # The registry's load threads and the store's hashing thread at this nice value,
+            # as `serve --load-nice` opens them.
             core.registry.close()
-            core.registry = make_registry(core.model.spec, 64, store=adapters)
+            adapters.close()
+            adapters = AdapterStore(store, worker_init=functools.partial(threads.background, nice))
+            core.registry = make_registry(core.model.spec, 64, store=adapters,
+                                          config=RegistryConfig(load_nice=nice))
             base = steps(core, 60)
             names = [adapter_name(level * COLD_ADAPTERS + i) for i in range(COLD_ADAPTERS)]
             burst = time.perf_counter()
@@ -472,10 +477,10 @@ def report(phases: dict[str, Phase], fcfs: Phase | None, steps: list[StepTimes],
                      f"{_ms(t.loading)} / {_ms(t.loading, 90)} / {_ms(t.loading, 100)} | "
                      f"{_ms(t.admitting)} / {_ms(t.admitting, 90)} / "
                      f"{_ms(t.admitting, 100)} | {t.load_seconds:.1f} s |")
-    chosen = next((t for t in steps if t.nice == BACKGROUND_NICE), None)
+    chosen = next((t for t in steps if t.nice == LOAD_NICE), None)
     if chosen is not None:
         slow = lambda part, q: np.percentile(part, q) / np.percentile(chosen.base, 50)  # noqa: E731
-        lines += ["", f"At the server's nice ({BACKGROUND_NICE}) a burst of {COLD_ADAPTERS} cold "
+        lines += ["", f"At the server's nice ({LOAD_NICE}) a burst of {COLD_ADAPTERS} cold "
                   f"adapters slows the running batch's median step by "
                   f"{slow(chosen.loading, 50):.2f}x while they load (p90 "
                   f"{slow(chosen.loading, 90):.2f}x) and by {slow(chosen.admitting, 50):.2f}x "
@@ -487,7 +492,8 @@ def report(phases: dict[str, Phase], fcfs: Phase | None, steps: list[StepTimes],
               "are parsed and prompts tokenized on preparation threads, never on the event loop "
               "or the step loop (server/engine/async_engine.py).",
               f"- (ii): adapter loads run on {LOAD_THREADS} background thread(s) (--load-threads, "
-              f"one per 4 CPUs) at nice {BACKGROUND_NICE} "
+              f"one per 4 CPUs) at nice {LOAD_NICE} (--load-nice; a lower value loads cold "
+              f"adapters sooner on a busy CPU, at the cost the rows above show) "
               "(server/engine/threads.py), the model's objects are out of the garbage "
               "collector's full passes (gc.freeze once loaded, server/app.py), and at most "
               f"--max-slot-writes-per-step ({SLOT_WRITES}) adapters are copied into slots "

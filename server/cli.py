@@ -7,6 +7,7 @@ the code of their kind (`EXIT_CODES`); only bugs print a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import asyncio
 import logging
 import os
@@ -166,7 +167,8 @@ def _run_serve(args) -> None:
         from server.engine.threads import background
 
         store = AdapterStore(store_path, keep_versions=registry_config.keep_versions,
-                             worker_init=background)
+                             worker_init=functools.partial(background,
+                                                           registry_config.load_nice))
         opened.append(store)
         core = _load_core(args, registry=lambda spec: make_registry(
             spec, max_rank, store=store, config=registry_config))

@@ -181,9 +181,18 @@ class RegistryConfig:
                           "priority); 0 = one per 4 CPUs, at least 1. Each competes with the "
                           "running batch for the CPU and the GIL."})
 
+    load_nice: int = field(
+        default=19,
+        metadata={"help": "Nice value of the adapter load threads, 0-19: 19 = they yield to "
+                          "the running batch (a burst of cold adapters barely slows it); lower "
+                          "= cold adapters load sooner when the CPU is busy, at the batch's "
+                          "expense."})
+
     def validate(self) -> None:
         if self.load_threads < 0:
             raise ConfigError("--load-threads must be >= 0 (0 = one per 4 CPUs)")
+        if not 0 <= self.load_nice <= 19:
+            raise ConfigError("--load-nice must be in [0, 19]")
         if self.adapter_cache_mb <= 0:
             raise ConfigError("--adapter-cache-mb must be positive")
         if self.max_adapter_mb <= 0:

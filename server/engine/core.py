@@ -13,6 +13,7 @@ forward pass and samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -484,7 +485,8 @@ def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = Non
 def make_registry(spec: BaseModelSpec, max_rank: int, *, store=None,
                   config: RegistryConfig | None = None) -> AdapterRegistry:
     """A registry for adapters of `spec` kept in `store` (an AdapterStore; None: in RAM), sized
-    by `config`; its load workers are background threads (server/engine/threads.py)."""
+    by `config`; its load workers are background threads at `config.load_nice`
+    (server/engine/threads.py)."""
     from adapters_registry.memory_store import MemoryStore
     from server.engine.threads import background
 
@@ -493,4 +495,5 @@ def make_registry(spec: BaseModelSpec, max_rank: int, *, store=None,
                            max_rank=max_rank, cache_bytes=int(config.adapter_cache_mb * 2**20),
                            allowed_roots=config.source_roots,
                            max_adapter_bytes=int(config.max_adapter_mb * 2**20),
-                           load_workers=config.load_workers, worker_init=background)
+                           load_workers=config.load_workers,
+                           worker_init=functools.partial(background, config.load_nice))

@@ -51,13 +51,14 @@ def single_threaded() -> None:
         libgomp.omp_set_num_threads(1)
 
 
-def background() -> None:
-    """Makes this thread a background one: torch single-threaded, and BACKGROUND_NICE steps
-    nicer than it was (Linux: per thread; elsewhere a no-op)."""
+def background(nice: int | None = None) -> None:
+    """Makes this thread a background one: torch single-threaded, and `nice` (default
+    BACKGROUND_NICE) steps nicer than it was (Linux: per thread; elsewhere a no-op)."""
     single_threaded()
+    nice = BACKGROUND_NICE if nice is None else nice
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE)
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     except (AttributeError, OSError):  # no per-thread priorities here: run at normal priority
         pass
 
