@@ -13,7 +13,8 @@ their parallel regions alone (`single_threaded`); the loop thread sets the confi
 (`loop_threads`), which OpenMP keeps per thread.
 
 Background work (adapter loads, validation and hashing of uploads) also runs at the lowest CPU
-priority (`background`: nice 19 for that thread alone, which Linux keeps per thread), so on a
+priority (`background`: nice 19 for that thread alone, which Linux keeps per thread; the load
+threads take `--load-nice`), so on a
 busy machine the kernel gives the step loop's threads the CPU first and a burst of cold adapters
 slows the running batch little (at normal priority a third busy thread preempts one of the
 step's OpenMP threads, and every parallel region waits for it); on an idle machine the loads run
