@@ -40,8 +40,6 @@ import random
 import shlex
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +50,7 @@ from benchmarks.serving_runner import QueueSampler, adapter_name, build_store, r
 from server.config import EngineConfig, RegistryConfig
 from server.tools.demo import default_cache_dir
 from server.tools.demo_tasks import prose_questions
+from tests.inprocess_server import post_json
 from tests.server_process import ServerProcess, start_server
 
 REPORTS = Path("benchmarks/reports")
@@ -135,16 +134,6 @@ def served_tokens(samples: dict[str, float]) -> dict[str, float]:
     return totals
 
 
-class Metrics:
-    """QueueSampler's view of a server process."""
-
-    def __init__(self, process: ServerProcess):
-        self.process = process
-
-    def metrics(self) -> dict[str, float]:
-        return read_metrics(self.process.metrics_port)
-
-
 # ---- clients -----------------------------------------------------------------------------------
 
 async def a_stream(client, start: float, questions: list[str], *, seconds: float | None = None,
@@ -175,15 +164,6 @@ async def a_stream(client, start: float, questions: list[str], *, seconds: float
     return list(await asyncio.gather(*tasks))
 
 
-def post(url: str, body: bytes) -> int:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as reply:
-            return reply.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 async def big_prompts(client, process: ServerProcess, seconds: float, start: float) -> list[str]:
     """One 10 MiB prompt every BIG_PROMPT_EVERY s, HTTP and gRPC in turn; their answers."""
     from clients._common import LoraplexError
@@ -194,7 +174,8 @@ async def big_prompts(client, process: ServerProcess, seconds: float, start: flo
     for i in range(int(seconds / BIG_PROMPT_EVERY)):
         await asyncio.sleep(max(0.0, start + i * BIG_PROMPT_EVERY - time.perf_counter()))
         if i % 2 == 0:
-            status = await asyncio.to_thread(post, process.http_url + "/v1/completions", body)
+            status, _, _ = await asyncio.to_thread(post_json, process.http_url + "/v1/completions",
+                                                   body)
             answers.append(f"HTTP {status}")
         else:
             try:
@@ -215,20 +196,15 @@ async def cold_burst(client, at: float, first: int) -> float:
     return time.perf_counter()
 
 
-def flood_lengths(count: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randint(*FLOOD_TOKENS) for _ in range(count)]
-
-
 async def closed_loop(client, workers: int, until: float, questions: list[str]) -> int:
     """`workers` clients on B, each sending its next request when the last one answered."""
     async def worker(index: int) -> int:
+        lengths = random.Random(100 + index)  # each B request's new tokens, in FLOOD_TOKENS
         done = 0
-        for n in flood_lengths(10_000, 100 + index):
-            if time.perf_counter() >= until:
-                return done
+        while time.perf_counter() < until:
             await client.generate(questions[(index + done) % len(questions)], adapter=B,
-                                  chat=True, max_new_tokens=n, ignore_eos=True)
+                                  chat=True, max_new_tokens=lengths.randint(*FLOOD_TOKENS),
+                                  ignore_eos=True)
             done += 1
         return done
 
@@ -244,11 +220,11 @@ class Runner:
 
     def run(self, name: str, body) -> Phase:
         self.log(f"phase {name}")
-        metrics = Metrics(self.process)
-        before = served_tokens(metrics.metrics())
-        with QueueSampler(metrics, every=0.5) as sampler:
+        port = self.process.metrics_port
+        before = served_tokens(read_metrics(port))
+        with QueueSampler(port, every=0.5) as sampler:
             phase = asyncio.run(self._with_client(name, body))
-        after = served_tokens(metrics.metrics())
+        after = served_tokens(read_metrics(port))
         running = [r for r in (s[0] for s in sampler.samples)]
         if running:
             phase.running = float(np.mean(running))

@@ -221,7 +221,7 @@ class Suite:
                    names: list) -> Point:
         self.log(f"  {name}: {len(trace)} requests")
         before, server_cpu, client_cpu = server.metrics(), server.cpu_seconds(), time.process_time()
-        with QueueSampler(server) as queue:
+        with QueueSampler(server.metrics_port) as queue:
             results = run_open_loop(server.target, trace, names, self.log)
         point = Point(name, results, before, server.metrics(),
                       server.cpu_seconds() - server_cpu, time.process_time() - client_cpu,

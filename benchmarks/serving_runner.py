@@ -175,18 +175,17 @@ def read_metrics(port: int) -> dict[str, float]:
 
 class QueueSampler:
     """Reads the server's running and waiting sequence counts from /metrics every `every`
-    seconds on a thread while a trace runs: how full the running batch was. `server`: anything
-    with a `metrics()` method."""
+    seconds on a thread while a trace runs: how full the running batch was."""
 
-    def __init__(self, server, every: float = 1.0):
-        self.server, self.every = server, every
+    def __init__(self, metrics_port: int, every: float = 1.0):
+        self.metrics_port, self.every = metrics_port, every
         self.samples: list[tuple[float, float]] = []  # (running, waiting)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            m = self.server.metrics()
+            m = read_metrics(self.metrics_port)
             self.samples.append((m.get("loraplex_num_requests_running", math.nan),
                                  m.get("loraplex_num_requests_waiting", math.nan)))
 

@@ -1,9 +1,13 @@
-"""Serve an EngineCore from this process (its own event loop on a thread), for gRPC tests."""
+"""Serve an EngineCore from this process (its own event loop on a thread), for gRPC and HTTP
+tests; `post_json` for the HTTP ones."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,3 +54,13 @@ def serving(core, http: bool = False, **options) -> Iterator[tuple[grpc.Channel,
         running.backend.ready().engine.close()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def post_json(url: str, body: bytes, timeout: float = 300) -> tuple[int, object, dict]:
+    """POSTs a JSON body: (HTTP status, headers, decoded JSON answer), errors included."""
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.headers, json.load(reply)
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.load(error)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import pytest
@@ -20,7 +18,7 @@ import pytest
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
 from tests.engine_helpers import make_core
-from tests.inprocess_server import serving
+from tests.inprocess_server import post_json, serving
 
 HELD = "held "  # a prompt starting with this is held in the tokenizer until released
 MIB = 1 << 20
@@ -67,13 +65,7 @@ def _generate(prompt: str | list[int], adapter: str = "", tokens: int = 3) -> pb
 
 
 def _post(server, path: str, body: bytes) -> tuple[int, object, dict]:
-    request = urllib.request.Request(server.http_url + path, body,
-                                     {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            return reply.status, reply.headers, json.load(reply)
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, json.load(error)
+    return post_json(server.http_url + path, body, timeout=120)
 
 
 def _completion(server, prompt, model=None, **fields) -> bytes:

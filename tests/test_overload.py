@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +19,7 @@ import pytest
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
 from tests.engine_helpers import make_core
-from tests.inprocess_server import serving
+from tests.inprocess_server import post_json, serving
 
 GRPC_BURST = 1500
 HTTP_BURST = 600
@@ -83,13 +81,7 @@ def test_an_http_burst_gets_200_or_429_with_retry_after(server):
                        "max_tokens": 4, "temperature": 0}).encode()
 
     def post() -> tuple[int, object, dict]:
-        http = urllib.request.Request(server.http_url + "/v1/completions", body,
-                                      {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(http, timeout=300) as reply:
-                return reply.status, reply.headers, json.load(reply)
-        except urllib.error.HTTPError as error:
-            return error.code, error.headers, json.load(error)
+        return post_json(server.http_url + "/v1/completions", body)
 
     with ThreadPoolExecutor(HTTP_CONCURRENCY) as pool:
         replies = list(pool.map(lambda _: post(), range(HTTP_BURST)))

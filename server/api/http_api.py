@@ -290,15 +290,16 @@ async def _read_body(request: Request, model: type[T], backend: Backend, max_byt
     (up to DRAIN_FACTOR x the limit, so the client can read the answer; beyond that the
     connection is closed)."""
     chunks, size = [], 0
-    declared = request.headers.get("content-length", "")
-    if not (declared.isdigit() and int(declared) > DRAIN_FACTOR * max_bytes):
+    header = request.headers.get("content-length", "")
+    declared = int(header) if header.isdigit() else 0
+    if declared <= DRAIN_FACTOR * max_bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > DRAIN_FACTOR * max_bytes:
                 break
             if size <= max_bytes:
                 chunks.append(chunk)
-    if size > max_bytes or (declared.isdigit() and int(declared) > max_bytes):
+    if max(size, declared) > max_bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes "
                             f"(--max-message-mb)", code="request_too_large")
     engine = backend.ready().engine

@@ -126,21 +126,22 @@ class FairQueue(WaitingQueue):
 
     def _push(self, seq: Sequence) -> None:
         tenant = tenant_of(seq)
-        queue = self._queues.get(tenant)
-        if queue is None:  # starts waiting: no credit for the time it did not
+        if tenant not in self._queues:  # starts waiting: no credit for the time it did not
             lift = min((self.counters[t] for t in self._queues), default=self._floor)
             self.counters[tenant] = max(self.counters.get(tenant, 0.0), lift)
-            queue = self._queues[tenant] = deque()
-            self._since[tenant] = next(self._order)
-        queue.append(seq)
+        self._queue(tenant).append(seq)
 
     def _push_front(self, seq: Sequence) -> None:
         tenant = tenant_of(seq)
+        self.counters.setdefault(tenant, self._floor)
+        self._queue(tenant).appendleft(seq)
+
+    def _queue(self, tenant: str) -> deque[Sequence]:
+        """The tenant's queue, opened (and placed in the tie order) if it had none."""
         if tenant not in self._queues:
-            self.counters.setdefault(tenant, self._floor)
             self._queues[tenant] = deque()
             self._since[tenant] = next(self._order)
-        self._queues[tenant].appendleft(seq)
+        return self._queues[tenant]
 
     def _remove(self, seq: Sequence, tenant: str) -> None:
         queue = self._queues[tenant]

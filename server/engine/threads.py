@@ -52,11 +52,10 @@ def single_threaded() -> None:
         libgomp.omp_set_num_threads(1)
 
 
-def background(nice: int | None = None) -> None:
-    """Makes this thread a background one: torch single-threaded, and `nice` (default
-    BACKGROUND_NICE) steps nicer than it was (Linux: per thread; elsewhere a no-op)."""
+def background(nice: int = BACKGROUND_NICE) -> None:
+    """Makes this thread a background one: torch single-threaded, and `nice` steps nicer than
+    it was (Linux: per thread; elsewhere a no-op)."""
     single_threaded()
-    nice = BACKGROUND_NICE if nice is None else nice
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
