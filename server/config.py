@@ -19,6 +19,7 @@ from server.errors import ConfigError
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LORA_KERNEL_CHOICES = ("auto", "cpp", "torch")
+QUANT_KERNEL_CHOICES = ("auto", "bitsandbytes")
 ADMISSION_CHOICES = ("fair", "fcfs")
 BASE_MODEL_WEIGHT_NAME = "_base"  # the base model's name in --adapter-weights
 DEMO_CHOICES = ("smollm2", "tiny")
@@ -36,6 +37,12 @@ class EngineConfig:
         default="nf4",
         metadata={"help": "Quantization of the base Linear layers (bitsandbytes).",
                   "choices": QUANTIZE_CHOICES})
+    quant_kernel: str = field(
+        default="auto",
+        metadata={"help": "Which code multiplies nf4/fp4 weights on the CPU: auto = loraplex's "
+                          "kernel (built at start; needs AVX512-BF16, else bitsandbytes with one "
+                          "warning), bitsandbytes = bitsandbytes' own path.",
+                  "choices": QUANT_KERNEL_CHOICES})
     device: str = field(
         default="auto",
         metadata={"help": "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present, else CPU)."})
@@ -112,6 +119,9 @@ class EngineConfig:
     def validate(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ConfigError(f"--quantize must be one of {QUANTIZE_CHOICES}, not {self.quantize!r}")
+        if self.quant_kernel not in QUANT_KERNEL_CHOICES:
+            raise ConfigError(f"--quant-kernel must be one of {QUANT_KERNEL_CHOICES}, "
+                              f"not {self.quant_kernel!r}")
         if self.lora_kernel not in LORA_KERNEL_CHOICES:
             raise ConfigError(f"--lora-kernel must be one of {LORA_KERNEL_CHOICES}, "
                               f"not {self.lora_kernel!r}")

@@ -22,7 +22,7 @@ QUANTIZED_TYPES = {"nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit, "int8": b
 def test_every_target_linear_gets_the_asked_quantization(tiny_model_dir, quantize):
     model = load_model(tiny_model_dir, quantize=quantize, device="cpu")
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-        assert type(model.hf.get_submodule(module_path(1, name))) is QUANTIZED_TYPES[quantize]
+        assert isinstance(model.hf.get_submodule(module_path(1, name)), QUANTIZED_TYPES[quantize])
     assert type(model.hf.lm_head) is torch.nn.Linear  # the output head stays full precision
 
 
@@ -41,7 +41,7 @@ def test_a_layer_4bit_cannot_take_stays_unquantized_with_a_warning(tmp_path, cap
         model = load_model(tmp_path, quantize="nf4", device="cpu")
     assert "down_proj (96 -> 128) is left unquantized" in caplog.text
     assert type(model.hf.get_submodule(module_path(0, "down_proj"))) is torch.nn.Linear
-    assert type(model.hf.get_submodule(module_path(0, "up_proj"))) is bnb.nn.Linear4bit
+    assert isinstance(model.hf.get_submodule(module_path(0, "up_proj")), bnb.nn.Linear4bit)
     with torch.inference_mode():
         model.hf(torch.tensor([[1, 2, 3]]))
 

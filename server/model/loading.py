@@ -62,8 +62,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "auto",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Loads `model_dir` (config.json, *.safetensors, tokenizer files) for serving."""
+               dtype: torch.dtype = torch.float32, quant_kernel: str = "auto") -> LoadedModel:
+    """Loads `model_dir` (config.json, *.safetensors, tokenizer files) for serving.
+
+    quant_kernel: "auto" serves 4-bit layers on a CPU with loraplex's kernel where the CPU can
+    run it (server/model/linear4bit.py), "bitsandbytes" always with bitsandbytes' own path."""
     model_dir = Path(model_dir)
     config = _read_model_config(model_dir)
     target = resolve_device(device)
@@ -82,6 +85,10 @@ def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "a
     except Exception as exc:  # transformers raises many kinds; the user needs one line
         raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(exc)}") from None
     hf.eval().requires_grad_(False)
+    if quantize in ("nf4", "fp4") and target.type == "cpu" and quant_kernel == "auto":
+        from server.model import linear4bit
+        served = linear4bit.use_cpu_kernel(hf)
+        log.info("%d 4-bit layers served by loraplex's CPU kernel", served)
     return LoadedModel(hf=hf, tokenizer=tokenizer, spec=model_spec(hf), name=model_dir.name,
                        model_dir=model_dir, quantize=quantize, device=target, dtype=dtype)
 

@@ -122,8 +122,8 @@ def model_bytes_as_served(hf: torch.nn.Module) -> int:
                    for t in m._buffers.values() if t is not None}
     tensors = [t for t in (*hf.parameters(), *hf.buffers()) if id(t) not in slot_tables]
     for module in hf.modules():
-        if type(module).__module__.startswith("bitsandbytes"):
-            tensors.extend(_bnb_tensors(module))
+        if any(cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__):
+            tensors.extend(_bnb_tensors(module))  # bitsandbytes' layers, ours included
     return _bytes_once(tensors)
 
 
