@@ -175,13 +175,14 @@ def load_peft(model_dir: Path, adapters: dict[str, Path]):
 
 
 def load_core(model_dir: Path, adapters: dict[str, Path], lora_dtype: str,
-              max_slots: int = NUM_PROMPTS):
+              max_slots: int = NUM_PROMPTS, **engine):
+    """A loraplex engine over the benchmark model (NF4, fp32 compute unless `engine` says)."""
     from server.config import EngineConfig
     from server.engine.core import load_engine_core
 
-    config = EngineConfig(model=model_dir, quantize="nf4", device="cpu", threads=THREADS,
-                          max_slots=max_slots, max_rank=RANK, lora_dtype=lora_dtype,
-                          kv_cache_mb=256)
+    config = EngineConfig(**{"model": model_dir, "quantize": "nf4", "device": "cpu",
+                             "threads": THREADS, "max_slots": max_slots, "max_rank": RANK,
+                             "lora_dtype": lora_dtype, "kv_cache_mb": 256, **engine})
     config.validate()
     return load_engine_core(config, {name: str(path) for name, path in adapters.items()})
 

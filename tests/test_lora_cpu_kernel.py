@@ -148,13 +148,31 @@ def test_auto_sends_slots_with_many_tokens_to_pytorch(monkeypatch, kernel):
     assert plan.entries.tolist() == [[0, 0, 1], [1, 1, 2], [3, 2, 15]] and not plan.segments
 
 
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bf16_activations_are_the_kernels_with_one_rounding_of_y(kernel_mode, table_dtype):
+    """bf16 x and y: the kernel sums the update in fp32 and rounds y once; base rows untouched."""
+    gen = torch.Generator().manual_seed(23)
+    slot = torch.tensor([0, 1, -1, 1, 5, 5, 5, -1, 2])
+    A, B, _, _, scale, rank = make_tables(96, 64, 8, gen, table_dtype)
+    x = torch.randn(len(slot), 96, generator=gen).to(torch.bfloat16)
+    y = torch.randn(len(slot), 64, generator=gen).to(torch.bfloat16)
+    y_before = y.clone()
+    mapping = SlotMapping.build(slot, kernel_mode)
+    assert mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel.entries,
+                              mapping.kernel.tokens)
+    expected = (y_before.float() + lora_reference(x, slot, A, B, scale)).to(torch.bfloat16)
+    assert torch.equal(y, expected) or (y.float() - expected.float()).abs().max() <= \
+        2**-8 * float(expected.float().abs().max())  # one bf16 step where fp32 sums tie
+    assert torch.equal(y[slot < 0], y_before[slot < 0])
+
+
 def test_calls_that_are_not_the_kernels_run_pytorch(kernel_mode):
-    """bf16 activations (y and x) are not the kernel's: the PyTorch path serves them."""
+    """fp16 activations are not the kernel's: the PyTorch path serves them."""
     gen = torch.Generator().manual_seed(23)
     slot = torch.tensor([0, 1, -1, 1])
     A, B, _, _, scale, rank = make_tables(32, 16, 8, gen, torch.float32)
-    x = torch.randn(4, 32, generator=gen).to(torch.bfloat16)
-    y = torch.zeros(4, 16, dtype=torch.bfloat16)
+    x = torch.randn(4, 32, generator=gen).to(torch.float16)
+    y = torch.zeros(4, 16, dtype=torch.float16)
     mapping = SlotMapping.build(slot, kernel_mode)
     assert not mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel.entries,
                                   mapping.kernel.tokens)
@@ -205,9 +223,9 @@ def test_a_failed_build_warns_once_and_pytorch_serves(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("Error building extension 'loraplex_lora_cpu': c++: not found")
 
-    monkeypatch.setattr(lora_cpu_kernel, "_build", no_compiler)
-    monkeypatch.setattr(lora_cpu_kernel, "_module", None)
-    monkeypatch.setattr(lora_cpu_kernel, "_failed", False)
+    monkeypatch.setattr(lora_cpu_kernel.KERNEL, "_build", no_compiler)
+    monkeypatch.setattr(lora_cpu_kernel.KERNEL, "_module", None)
+    monkeypatch.setattr(lora_cpu_kernel.KERNEL, "_failed", False)
     gen = torch.Generator().manual_seed(25)
     A, B, _, _, scale, rank = make_tables(48, 40, 8, gen, torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger=lora_cpu_kernel.__name__):

@@ -23,8 +23,8 @@ Tables may be fp32 or bf16: x is cast to the table dtype, the result back to y's
 On the CPU, a C++ kernel (`server.lora.cpu_kernel`) serves the slots with fewer than
 `CpuKernel.max_tokens` tokens instead: it groups tokens by slot, reads each slot's table rows in
 place (fp32 math whatever the table dtype), and skips the zero rows past each slot's rank when
-`lora_apply` gets a `rank` array. It takes a call only when it is its kind (CPU tensors, fp32 x
-and y, fp32 or bf16 tables); any other call (bf16 activations) runs the PyTorch path.
+`lora_apply` gets a `rank` array. It takes a call only when it is its kind (CPU tensors, fp32 or
+bf16 x and y, fp32 or bf16 tables); any other call runs the PyTorch path.
 `select_kernel(mode, device)` chooses once, at engine start (`--lora-kernel`):
 
 - `auto` (default): the kernel for the slots with fewer than KERNEL_MAX_TOKENS tokens, PyTorch

@@ -2,7 +2,7 @@
 //
 //   y[t] += scale[s] * (A[s] @ x[t]) @ B[s]      for each token t of an entry with slot s
 //
-// x: [T, in] fp32, y: [T, out] fp32 (unit-stride rows), A: [S, R, in], B: [S, R, out] (both fp32
+// x: [T, in], y: [T, out] fp32 or bf16 (unit-stride rows), A: [S, R, in], B: [S, R, out] (both fp32
 // or both bf16, contiguous), scale: [S] fp32, rank: [S] int32 (rows >= rank[s] of A[s] and B[s]
 // are zero and skipped) or empty (all R rows), plan: [E, 3] int32 (slot, begin, end) of each
 // entry over tokens: [N] int32. All math is fp32, whatever the table dtype.
@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -69,6 +70,13 @@ inline float to_float(uint16_t v) {
   float f;
   std::memcpy(&f, &w, sizeof(f));
   return f;
+}
+
+// Round to nearest even (finite values: activations).
+inline uint16_t to_bf16(float v) {
+  uint32_t w;
+  std::memcpy(&w, &v, sizeof(w));
+  return uint16_t((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
 }
 
 inline float hsum(V16 v) {
@@ -249,15 +257,39 @@ struct Item {
   int32_t slot, begin, end;
 };
 
-// W: float or uint16_t (bf16 bits).
-template <typename W>
+// bf16 activations: a block of token rows widened to fp32 (x) and summed in fp32 (y), so that
+// apply_tokens sees fp32 rows 0..nt-1; `finish` adds the sums into y, rounding once.
+struct Bf16Rows {
+  std::vector<float> x, y;
+  int32_t local[kTokenBlock];
+
+  Bf16Rows(int64_t in, int64_t out) : x(kTokenBlock * in), y(kTokenBlock * out) {
+    for (int t = 0; t < kTokenBlock; ++t) local[t] = t;
+  }
+  void start(const uint16_t* xs, int64_t x_stride, const int32_t* tok, int nt, int64_t in,
+             int64_t out) {
+    for (int t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < in; ++k) x[t * in + k] = to_float(xs[tok[t] * x_stride + k]);
+    std::fill(y.begin(), y.begin() + nt * out, 0.f);
+  }
+  void finish(uint16_t* ys, int64_t y_stride, const int32_t* tok, int nt, int64_t out) const {
+    for (int t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < out; ++k) {
+        uint16_t& dst = ys[tok[t] * y_stride + k];
+        dst = to_bf16(to_float(dst) + y[t * out + k]);
+      }
+  }
+};
+
+// W: the tables' element, A: the activations' (float, or uint16_t for bf16 bits).
+template <typename W, typename A_>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
          const at::Tensor& scale, const at::Tensor& rank, const at::Tensor& plan,
          const at::Tensor& tokens) {
   const int64_t in = x.size(1), out = y.size(1), R = A.size(1);
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const A_* xp = static_cast<const A_*>(x.data_ptr());
+  A_* yp = static_cast<A_*>(y.data_ptr());
   const W* ap = static_cast<const W*>(A.data_ptr());
   const W* bp = static_cast<const W*>(B.data_ptr());
   const float* sp = scale.data_ptr<float>();
@@ -295,6 +327,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tens
 
   auto work = [&](size_t i0, size_t i1) {
     std::vector<float> h(kTokenBlock * R), scratch(std::is_same<W, float>::value ? 0 : 2 * in);
+    std::unique_ptr<Bf16Rows> rows;
+    if constexpr (!std::is_same<A_, float>::value) rows = std::make_unique<Bf16Rows>(in, out);
     for (size_t i = i0; i < i1; ++i) {
       const Item& it = items[i];
       const int r = rank_of(it.slot);
@@ -309,8 +343,15 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tens
       }
       for (int32_t t = it.begin; t < it.end; t += kTokenBlock) {
         const int nt = std::min<int32_t>(kTokenBlock, it.end - t);
-        apply_tokens(a, b, in, out, r, sp[it.slot], xp, x_stride, yp, y_stride, tp + t, nt,
-                     scratch.data(), h.data(), R);
+        if constexpr (std::is_same<A_, float>::value) {
+          apply_tokens(a, b, in, out, r, sp[it.slot], xp, x_stride, yp, y_stride, tp + t, nt,
+                       scratch.data(), h.data(), R);
+        } else {
+          rows->start(xp, x_stride, tp + t, nt, in, out);
+          apply_tokens(a, b, in, out, r, sp[it.slot], rows->x.data(), in, rows->y.data(), out,
+                       rows->local, nt, scratch.data(), h.data(), R);
+          rows->finish(yp, y_stride, tp + t, nt, out);
+        }
       }
     }
   };
@@ -334,14 +375,20 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tens
   });
 }
 
-// Returns false, touching nothing, when the call is not the kernel's (CUDA tensors, y or x not
-// fp32, tables neither fp32 nor bf16 or not contiguous): the caller then runs PyTorch.
+// Returns false, touching nothing, when the call is not the kernel's (CUDA tensors, x and y not
+// both fp32 or both bf16, tables neither fp32 nor bf16 or not contiguous): the caller then runs
+// PyTorch. bf16 activations are widened to fp32 for the math (Bf16Rows): the update is summed in
+// fp32 and added to y with one rounding.
 bool lora_apply_cpu(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scale,
                     at::Tensor rank, at::Tensor plan, at::Tensor tokens) {
+  auto activation = [](const at::Tensor& t) {
+    return t.dim() == 2 && t.stride(1) == 1 &&
+           (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+  };
   if (!(x.device().is_cpu() && y.device().is_cpu() && A.device().is_cpu() &&
-        B.device().is_cpu() && scale.device().is_cpu() && x.dim() == 2 && y.dim() == 2 &&
-        x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.stride(1) == 1 &&
-        y.stride(1) == 1 && A.scalar_type() == B.scalar_type() &&
+        B.device().is_cpu() && scale.device().is_cpu() && activation(x) && activation(y) &&
+        x.scalar_type() == y.scalar_type() &&
+        A.scalar_type() == B.scalar_type() &&
         (A.scalar_type() == at::kFloat || A.scalar_type() == at::kBFloat16) &&
         A.is_contiguous() && B.is_contiguous() && scale.scalar_type() == at::kFloat &&
         scale.is_contiguous()))
@@ -355,10 +402,14 @@ bool lora_apply_cpu(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::
   TORCH_CHECK(plan.scalar_type() == at::kInt && plan.is_contiguous() && plan.dim() == 2 &&
               plan.size(1) == 3 && tokens.scalar_type() == at::kInt && tokens.is_contiguous(),
               "plan: [E, 3] int32, tokens: [N] int32");
-  if (A.scalar_type() == at::kBFloat16)
-    run<uint16_t>(y, x, A, B, scale, rank, plan, tokens);
-  else
-    run<float>(y, x, A, B, scale, rank, plan, tokens);
+  const bool bf16_tables = A.scalar_type() == at::kBFloat16;
+  if (x.scalar_type() == at::kBFloat16) {
+    if (bf16_tables) run<uint16_t, uint16_t>(y, x, A, B, scale, rank, plan, tokens);
+    else run<float, uint16_t>(y, x, A, B, scale, rank, plan, tokens);
+  } else {
+    if (bf16_tables) run<uint16_t, float>(y, x, A, B, scale, rank, plan, tokens);
+    else run<float, float>(y, x, A, B, scale, rank, plan, tokens);
+  }
   return true;
 }
 
@@ -367,5 +418,5 @@ bool lora_apply_cpu(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_apply_cpu", &lora_apply_cpu,
         "y += the batched LoRA op for the planned tokens; false (and nothing done) if the call "
-        "is not a CPU call with fp32 x and y and fp32 or bf16 tables");
+        "is not a CPU call with fp32 or bf16 x and y and fp32 or bf16 tables");
 }
