@@ -160,9 +160,13 @@ class ModelRunner:
             else:
                 qg = q[group.token_index]  # [B, Q, heads, D]
             kg, vg = self.kv.read(index, group.block_tables)  # [B, kv_heads, L, D]
-            og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.to(q.dtype), vg.to(q.dtype),
-                                                attn_mask=group.masks[window], scale=attn.scaling,
-                                                enable_gqa=True)
+            if Q == 1:
+                og = decode_attention(qg.transpose(1, 2), kg, vg, group.masks[window],
+                                      attn.scaling)
+            else:
+                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.to(q.dtype),
+                                                    vg.to(q.dtype), attn_mask=group.masks[window],
+                                                    scale=attn.scaling, enable_gqa=True)
             og = og.transpose(1, 2)  # [B, Q, heads, D]
             og = og.reshape(B * Q, self.num_heads, self.head_dim) if group.valid is None else og[group.valid]
             if out is None:  # one group holds every row of the step, in order
@@ -172,6 +176,24 @@ class ModelRunner:
             else:
                 out[group.out_index] = og
         return attn.o_proj(out.view(T, self.num_heads * self.head_dim))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one query per sequence, as two grouped matmuls with fp32 scores.
+
+    q: [B, heads, 1, D], k, v: [B, kv_heads, L, D], mask: [B, 1, 1, L] bool (True = may attend).
+    Returns [B, heads, 1, D] in q's dtype. Query head h reads kv head h // (heads / kv_heads), as
+    SDPA's enable_gqa. On the CPU, SDPA with a mask is slow for bf16 one-query batches (its flash
+    kernel works per (sequence, head) pair); this path does the same math in fp32.
+    """
+    B, heads, _, D = q.shape
+    kv_heads, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B, kv_heads, heads // kv_heads, D).float()  # [B, kv_heads, G, D]
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(scale)  # [B, kv_heads, G, L]
+    scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())  # [B, kv_heads, G, D]
+    return out.view(B, heads, 1, D).to(q.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
