@@ -20,6 +20,7 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LORA_KERNEL_CHOICES = ("auto", "cpp", "torch")
 QUANT_KERNEL_CHOICES = ("auto", "bitsandbytes")
+PREPACK_CHOICES = ("auto", "off")
 ADMISSION_CHOICES = ("fair", "fcfs")
 BASE_MODEL_WEIGHT_NAME = "_base"  # the base model's name in --adapter-weights
 DEMO_CHOICES = ("smollm2", "tiny")
@@ -43,6 +44,13 @@ class EngineConfig:
                           "kernel (built at start; needs AVX512-BF16, else bitsandbytes with one "
                           "warning), bitsandbytes = bitsandbytes' own path.",
                   "choices": QUANT_KERNEL_CHOICES})
+    prepack: str = field(
+        default="auto",
+        metadata={"help": "auto = on the CPU, reorder each unquantized Linear's weight (lm_head, "
+                          "and every Linear with --quantize none) once into oneDNN's layout: "
+                          "faster matmuls for a second copy of those weights in memory; off = "
+                          "plain F.linear.",
+                  "choices": PREPACK_CHOICES})
     device: str = field(
         default="auto",
         metadata={"help": "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present, else CPU)."})
@@ -122,6 +130,8 @@ class EngineConfig:
         if self.quant_kernel not in QUANT_KERNEL_CHOICES:
             raise ConfigError(f"--quant-kernel must be one of {QUANT_KERNEL_CHOICES}, "
                               f"not {self.quant_kernel!r}")
+        if self.prepack not in PREPACK_CHOICES:
+            raise ConfigError(f"--prepack must be one of {PREPACK_CHOICES}, not {self.prepack!r}")
         if self.lora_kernel not in LORA_KERNEL_CHOICES:
             raise ConfigError(f"--lora-kernel must be one of {LORA_KERNEL_CHOICES}, "
                               f"not {self.lora_kernel!r}")

@@ -23,7 +23,7 @@ def test_every_target_linear_gets_the_asked_quantization(tiny_model_dir, quantiz
     model = load_model(tiny_model_dir, quantize=quantize, device="cpu")
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert isinstance(model.hf.get_submodule(module_path(1, name)), QUANTIZED_TYPES[quantize])
-    assert type(model.hf.lm_head) is torch.nn.Linear  # the output head stays full precision
+    assert isinstance(model.hf.lm_head, torch.nn.Linear)  # the output head stays full precision
 
 
 @pytest.mark.parametrize("quantize", ["fp4", "int8"])
@@ -40,7 +40,7 @@ def test_a_layer_4bit_cannot_take_stays_unquantized_with_a_warning(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="server.model.loading"):
         model = load_model(tmp_path, quantize="nf4", device="cpu")
     assert "down_proj (96 -> 128) is left unquantized" in caplog.text
-    assert type(model.hf.get_submodule(module_path(0, "down_proj"))) is torch.nn.Linear
+    assert isinstance(model.hf.get_submodule(module_path(0, "down_proj")), torch.nn.Linear)
     assert isinstance(model.hf.get_submodule(module_path(0, "up_proj")), bnb.nn.Linear4bit)
     with torch.inference_mode():
         model.hf(torch.tensor([[1, 2, 3]]))

@@ -471,7 +471,8 @@ def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = Non
     if config.threads:
         torch.set_num_threads(config.threads)
     model = load_model(config.model, quantize=config.quantize, device=config.device,
-                       dtype=DTYPES[config.dtype], quant_kernel=config.quant_kernel)
+                       dtype=DTYPES[config.dtype], quant_kernel=config.quant_kernel,
+                       prepack=config.prepack)
     if registry is None:
         adapter_registry = make_registry(model.spec, config.max_rank)
     else:

@@ -62,11 +62,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "auto",
-               dtype: torch.dtype = torch.float32, quant_kernel: str = "auto") -> LoadedModel:
+               dtype: torch.dtype = torch.float32, quant_kernel: str = "auto",
+               prepack: str = "auto") -> LoadedModel:
     """Loads `model_dir` (config.json, *.safetensors, tokenizer files) for serving.
 
     quant_kernel: "auto" serves 4-bit layers on a CPU with loraplex's kernel where the CPU can
-    run it (server/model/linear4bit.py), "bitsandbytes" always with bitsandbytes' own path."""
+    run it (server/model/linear4bit.py), "bitsandbytes" always with bitsandbytes' own path.
+    prepack: "auto" packs the unquantized Linear layers on a CPU (server/model/dense.py)."""
     model_dir = Path(model_dir)
     config = _read_model_config(model_dir)
     target = resolve_device(device)
@@ -89,6 +91,9 @@ def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "a
         from server.model import linear4bit
         served = linear4bit.use_cpu_kernel(hf)
         log.info("%d 4-bit layers served by loraplex's CPU kernel", served)
+    if target.type == "cpu" and prepack == "auto":
+        from server.model import dense
+        log.info("%d unquantized Linear layers prepacked for oneDNN", dense.use_packed_linears(hf))
     return LoadedModel(hf=hf, tokenizer=tokenizer, spec=model_spec(hf), name=model_dir.name,
                        model_dir=model_dir, quantize=quantize, device=target, dtype=dtype)
 

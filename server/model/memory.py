@@ -5,7 +5,7 @@ Every figure is counted from tensors, never estimated from a parameter count:
   bitsandbytes keeps beside its quantized weights (4-bit: the packed uint8 weight, one absmax
   per 64-weight block and the 16-entry code book of each layer; int8: the int8 weight and one
   fp32 scale per output row, `SCB`), each storage counted once (a tied lm_head is not counted
-  twice);
+  twice), plus the oneDNN-packed copies of unquantized Linear weights (server/model/dense.py);
 - loraplex's slot tables (`MultiLoraLinear` lora_a / lora_b / scale / lora_rank), reserved up
   front for max_slots adapters of max_rank, apart from the base;
 - one fully fine-tuned copy, two ways: served like the base (the same quantization: a copy
@@ -32,6 +32,7 @@ import torch
 
 from adapters_registry.weights import LoraWeights
 from server.lora.layer import MultiLoraLinear
+from server.model.dense import packed_bytes
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 """Cap on a safetensors JSON header (the safetensors library's own limit)."""
@@ -124,7 +125,7 @@ def model_bytes_as_served(hf: torch.nn.Module) -> int:
     for module in hf.modules():
         if any(cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__):
             tensors.extend(_bnb_tensors(module))  # bitsandbytes' layers, ours included
-    return _bytes_once(tensors)
+    return _bytes_once(tensors) + packed_bytes(hf)
 
 
 def slot_table_bytes(hf: torch.nn.Module) -> int:
