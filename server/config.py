@@ -20,7 +20,7 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LORA_KERNEL_CHOICES = ("auto", "cpp", "torch")
 QUANT_KERNEL_CHOICES = ("auto", "bitsandbytes")
-PREPACK_CHOICES = ("auto", "off")
+PREPACK_CHOICES = ("auto", "all", "off")
 ADMISSION_CHOICES = ("fair", "fcfs")
 BASE_MODEL_WEIGHT_NAME = "_base"  # the base model's name in --adapter-weights
 DEMO_CHOICES = ("smollm2", "tiny")
@@ -46,10 +46,10 @@ class EngineConfig:
                   "choices": QUANT_KERNEL_CHOICES})
     prepack: str = field(
         default="auto",
-        metadata={"help": "auto = on the CPU, reorder each unquantized Linear's weight (lm_head, "
-                          "and every Linear with --quantize none) once into oneDNN's layout: "
-                          "faster matmuls for a second copy of those weights in memory; off = "
-                          "plain F.linear.",
+        metadata={"help": "On the CPU, reorder unquantized Linear weights once into oneDNN's "
+                          "layout (faster matmuls). auto = the decoder's Linears (all of them "
+                          "with --quantize none), in place; all = lm_head too, as a second copy "
+                          "of its weight; off = plain F.linear.",
                   "choices": PREPACK_CHOICES})
     device: str = field(
         default="auto",

@@ -20,10 +20,9 @@ The demo model (server.tools.demo.DEMO_MODEL_SHAPE, float32 checkpoint, lm_head 
     (no nested/double quantization: state2 is None)
     unquantized fp32: embed + lm_head + norms    264,448 x 4         = 1,057,792
     buffers: rotary inv_freq and original_inv_freq, 32 fp32 each       =       256
-    oneDNN-packed copy of lm_head (server/model/dense.py) 131,072 x 4 =   524,288
-    total                                                              = 3,353,600
+    total                                                              = 2,829,312
   Served in int8: 3,145,728 int8 weights + one fp32 scale (SCB) per output row
-    (2,560 rows per layer x 4 layers x 4 = 40,960) + 1,057,792 + 256 + 524,288 = 4,769,024
+    (2,560 rows per layer x 4 layers x 4 = 40,960) + 1,057,792 + 256 = 4,244,736
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ EMBED = LM_HEAD = VOCAB * HIDDEN  # 131,072 each; the demo does not tie them
 NORMS = 2 * HIDDEN * LAYERS + HIDDEN  # 2,304
 ROTARY_BUFFERS = 2 * (HEAD_DIM // 2) * 4  # inv_freq + original_inv_freq, fp32
 UNQUANTIZED_FP32 = (EMBED + LM_HEAD + NORMS) * 4  # 1,057,792
-PACKED_LM_HEAD = LM_HEAD * 4  # the oneDNN-packed copy of the fp32 lm_head
 
 PARAMETERS = LINEAR_WEIGHTS + EMBED + LM_HEAD + NORMS  # 3,410,176
 FULL_COPY_BYTES = PARAMETERS * 4
@@ -67,10 +65,10 @@ NF4_BLOCK = 64
 NF4_SERVED = (LINEAR_WEIGHTS // 2  # packed: 2 weights per byte
               + LINEAR_WEIGHTS // NF4_BLOCK * 4  # fp32 absmax per block
               + LAYERS * len(LINEARS) * 16 * 4  # 16-entry fp32 code book per Linear
-              + UNQUANTIZED_FP32 + ROTARY_BUFFERS + PACKED_LM_HEAD)
+              + UNQUANTIZED_FP32 + ROTARY_BUFFERS)
 INT8_SERVED = (LINEAR_WEIGHTS  # 1 byte per weight
                + LAYERS * sum(o for _, o in LINEARS.values()) * 4  # SCB: fp32 per output row
-               + UNQUANTIZED_FP32 + ROTARY_BUFFERS + PACKED_LM_HEAD)
+               + UNQUANTIZED_FP32 + ROTARY_BUFFERS)
 
 
 def adapter_bytes_by_hand(name: str) -> int:
@@ -106,7 +104,7 @@ def test_the_hand_computation_describes_the_demo_model(nf4):
     assert not nf4.hf.config.tie_word_embeddings
     assert nf4.hf.lm_head.weight.data_ptr() != nf4.hf.model.embed_tokens.weight.data_ptr()
     assert (LINEAR_WEIGHTS, NORMS, FULL_COPY_BYTES) == (3_145_728, 2_304, 13_640_704)
-    assert (NF4_SERVED, INT8_SERVED) == (3_353_600, 4_769_024)
+    assert (NF4_SERVED, INT8_SERVED) == (2_829_312, 4_244_736)
 
 
 def test_bitsandbytes_keeps_packed_weights_absmax_and_a_code_book_per_4bit_linear(nf4):
@@ -131,7 +129,7 @@ def test_full_copy_is_what_the_checkpoint_stores_at_its_original_precision(demo)
 
 def test_nf4_report_equals_the_hand_computation(nf4, adapters, demo):
     report = cost_report(nf4, adapters, demo.model_dir)
-    assert report.base_served_bytes == NF4_SERVED == 3_353_600
+    assert report.base_served_bytes == NF4_SERVED == 2_829_312
     assert report.quantization == "nf4"
     assert report.slot_table_bytes == 0  # not wrapped for serving
     assert (report.full_copy_bytes, report.full_copy_dtype) == (13_640_704, "float32")
@@ -140,7 +138,7 @@ def test_nf4_report_equals_the_hand_computation(nf4, adapters, demo):
 
 def test_int8_report_counts_the_int8_weights_and_their_row_scales(demo):
     int8 = load_model(demo.model_dir, quantize="int8", device="cpu")
-    assert model_bytes_as_served(int8.hf) == INT8_SERVED == 4_769_024
+    assert model_bytes_as_served(int8.hf) == INT8_SERVED == 4_244_736
 
 
 def test_adapter_bytes_are_rank_times_in_plus_out_per_module_in_the_file_dtype(adapters):
@@ -170,7 +168,7 @@ def test_slot_tables_are_counted_apart_from_the_base(demo):
 
 def test_tied_lm_head_is_counted_once(tmp_path):
     write_llama_model(tmp_path, **TINY_SHAPE, seed=0, tie_word_embeddings=True)
-    model = load_model(tmp_path, quantize="none", device="cpu", prepack="off")  # no packed copies
+    model = load_model(tmp_path, quantize="none", device="cpu")
     assert model.hf.lm_head.weight.data_ptr() == model.hf.model.embed_tokens.weight.data_ptr()
     full, dtype = full_precision_bytes(tmp_path)
     hidden, mlp, layers, vocab = (TINY_SHAPE[k] for k in ("hidden_size", "intermediate_size",
@@ -200,14 +198,14 @@ def test_ratio_at_100_is_full_copies_over_loraplex(nf4, adapters, demo):
     five_adapters = sum(adapter_bytes_by_hand(name) for name in DEMO_ADAPTERS)  # 6,709,248
     assert five_adapters == 6_709_248
     loraplex = NF4_SERVED + 20 * five_adapters  # 100 adapters = each of the 5 demo ones 20x
-    assert report.loraplex_bytes(100) == loraplex == 137_538_560
+    assert report.loraplex_bytes(100) == loraplex == 137_014_272
     assert report.full_copies_bytes(100) == 100 * FULL_COPY_BYTES == 1_364_070_400
-    assert report.ratio(100) == 1_364_070_400 / 137_538_560
+    assert report.ratio(100) == 1_364_070_400 / 137_014_272
     # The table compares with copies served like the base (NF4) and with bf16 copies.
-    assert report.served_copies_bytes(100) == 100 * NF4_SERVED == 335_360_000
+    assert report.served_copies_bytes(100) == 100 * NF4_SERVED == 282_931_200
     assert report.bf16_copies_bytes(100) == 100 * 2 * PARAMETERS == 682_035_200
     table = format_table(report)
-    assert f"{335_360_000 / 137_538_560:.2f}x" in table and f"{682_035_200 / 137_538_560:.2f}x" in table
+    assert f"{282_931_200 / 137_014_272:.2f}x" in table and f"{682_035_200 / 137_014_272:.2f}x" in table
 
 
 def test_cost_command_prints_the_table_and_writes_a_png(demo_cache, tmp_path):

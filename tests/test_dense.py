@@ -1,4 +1,6 @@
-"""Unquantized Linear layers prepacked for oneDNN equal F.linear; the copy is counted; off = plain."""
+"""Unquantized Linear layers prepacked for oneDNN equal F.linear. The decoder's Linears keep only
+the packed weight (no memory cost); lm_head, packed only with --prepack all, keeps its plain weight
+too, and the copy is counted in the base as served."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from server.model import dense
-from server.model.dense import PackedLinear, use_packed_linears
+from server.model.dense import PackedLinear, pack_linear
+from server.model.loading import load_model
 from server.model.memory import model_bytes_as_served
 
 pytestmark = pytest.mark.skipif(not dense.available(), reason="torch built without oneDNN")
@@ -20,7 +23,8 @@ def test_packed_equals_f_linear(dtype, tokens):
     layer = torch.nn.Linear(96, 160, bias=True).to(dtype)
     x = torch.randn(tokens, 96, generator=gen).to(dtype)
     want = F.linear(x, layer.weight, layer.bias)
-    assert use_packed_linears(torch.nn.Sequential(layer)) == 1 and type(layer) is PackedLinear
+    pack_linear(layer, keep_weight=False)
+    assert type(layer) is PackedLinear and layer.weight.numel() == 0
     with torch.inference_mode():
         got = layer(x)
     assert got.dtype == dtype and got.shape == want.shape
@@ -29,25 +33,32 @@ def test_packed_equals_f_linear(dtype, tokens):
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
-def test_an_input_of_another_dtype_runs_the_plain_weight():
-    layer = torch.nn.Linear(32, 32).bfloat16()
-    use_packed_linears(torch.nn.Sequential(layer))
-    x = torch.randn(3, 32)  # fp32 into a bf16 layer: what F.linear does (here: a dtype error)
-    with pytest.raises(RuntimeError, match="dtype"):
-        layer(x)
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    return {mode: load_model(tiny_model_dir, quantize="none", device="cpu", prepack=mode)
+            for mode in ("auto", "all", "off")}
 
 
-def test_the_packed_copy_is_counted_and_off_packs_nothing(tiny_model_dir):
-    from server.model.loading import load_model
+def test_auto_packs_the_decoder_in_place_and_all_adds_a_copy_of_lm_head(models):
+    def packed(model):
+        return {name for name, m in model.hf.named_modules() if isinstance(m, PackedLinear)}
 
-    packed = load_model(tiny_model_dir, quantize="none", device="cpu")
-    plain = load_model(tiny_model_dir, quantize="none", device="cpu", prepack="off")
-    linears = [m for m in packed.hf.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is PackedLinear for m in linears)
-    assert not any(isinstance(m, PackedLinear) for m in plain.hf.modules())
-    copies = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    assert model_bytes_as_served(packed.hf) == model_bytes_as_served(plain.hf) + copies
-    ids = torch.tensor([[1, 5, 9, 200]])
+    decoder = {name for name, m in models["off"].hf.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    assert len(decoder) == 14 and not packed(models["off"])
+    assert packed(models["auto"]) == decoder
+    assert packed(models["all"]) == decoder | {"lm_head"}
+    head = models["all"].hf.lm_head
+    head_bytes = head.weight.numel() * head.weight.element_size()
+    assert head_bytes > 0  # lm_head keeps its plain weight beside the packed copy
+    off = model_bytes_as_served(models["off"].hf)
+    assert model_bytes_as_served(models["auto"].hf) == off
+    assert model_bytes_as_served(models["all"].hf) == off + head_bytes
+
+
+def test_packed_models_give_the_same_logits(models):
+    ids = torch.tensor([[1, 5, 9, 200, 17]])
     with torch.inference_mode():
-        torch.testing.assert_close(packed.hf(ids).logits, plain.hf(ids).logits,
-                                   rtol=1e-4, atol=1e-4)
+        logits = {mode: model.hf(ids).logits for mode, model in models.items()}
+    torch.testing.assert_close(logits["auto"], logits["off"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["all"], logits["off"], rtol=1e-4, atol=1e-4)

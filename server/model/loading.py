@@ -68,7 +68,8 @@ def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "a
 
     quant_kernel: "auto" serves 4-bit layers on a CPU with loraplex's kernel where the CPU can
     run it (server/model/linear4bit.py), "bitsandbytes" always with bitsandbytes' own path.
-    prepack: "auto" packs the unquantized Linear layers on a CPU (server/model/dense.py)."""
+    prepack: "auto" packs the unquantized decoder Linears on a CPU, "all" lm_head too
+    (server/model/dense.py)."""
     model_dir = Path(model_dir)
     config = _read_model_config(model_dir)
     target = resolve_device(device)
@@ -91,9 +92,10 @@ def load_model(model_dir: str | Path, *, quantize: str = "nf4", device: str = "a
         from server.model import linear4bit
         served = linear4bit.use_cpu_kernel(hf)
         log.info("%d 4-bit layers served by loraplex's CPU kernel", served)
-    if target.type == "cpu" and prepack == "auto":
+    if target.type == "cpu" and prepack != "off":
         from server.model import dense
-        log.info("%d unquantized Linear layers prepacked for oneDNN", dense.use_packed_linears(hf))
+        packed = dense.use_packed_linears(hf, lm_head=prepack == "all")
+        log.info("%d unquantized Linear layers prepacked for oneDNN", packed)
     return LoadedModel(hf=hf, tokenizer=tokenizer, spec=model_spec(hf), name=model_dir.name,
                        model_dir=model_dir, quantize=quantize, device=target, dtype=dtype)
 

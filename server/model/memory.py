@@ -5,7 +5,7 @@ Every figure is counted from tensors, never estimated from a parameter count:
   bitsandbytes keeps beside its quantized weights (4-bit: the packed uint8 weight, one absmax
   per 64-weight block and the 16-entry code book of each layer; int8: the int8 weight and one
   fp32 scale per output row, `SCB`), each storage counted once (a tied lm_head is not counted
-  twice), plus the oneDNN-packed copies of unquantized Linear weights (server/model/dense.py);
+  twice), unquantized Linear weights in oneDNN's packed layout included (server/model/dense.py);
 - loraplex's slot tables (`MultiLoraLinear` lora_a / lora_b / scale / lora_rank), reserved up
   front for max_slots adapters of max_rank, apart from the base;
 - one fully fine-tuned copy, two ways: served like the base (the same quantization: a copy
