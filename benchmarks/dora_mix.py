@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -77,11 +78,15 @@ def dora_variants(model_dir: Path, adapters: dict[str, Path], root: Path, log: L
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved runs per config (>= 3: verdicts come from medians)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3")
     torch.set_num_threads(THREADS)
+    load_before = os.getloadavg()[0]
     log = Log()
     model_dir, adapters = build_assets(default_cache_dir(), log)
     dora = dora_variants(model_dir, adapters, model_dir.parent / "dora-adapters", log)
@@ -116,19 +121,26 @@ def main(argv: list[str] | None = None) -> None:
             run = run_config(config, args.new_tokens)
             assert all(len(row) == args.new_tokens for row in run.tokens), "unequal work"
             runs[config.key].append(run)
-            log(f"round {round_index} ({config.key}) {run.tok_s:.1f} tok/s")
-    best = {key: max(r.tok_s for r in key_runs) for key, key_runs in runs.items()}
+            log(f"round {round_index} ({config.key}) {run.tok_s:.1f} tok/s, CPU busy "
+                f"{run.cpu_seconds / run.seconds:.2f}")
     median = {key: statistics.median(r.tok_s for r in key_runs) for key, key_runs in runs.items()}
     command = "python -m benchmarks.dora_mix " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = ["# DoRA in mixed batches", "",
              f"SmolLM2-135M-shaped Llama, NF4 base, fp32 compute, {THREADS} CPU threads; "
              f"{NUM_PROMPTS} prompts x 32 tokens, {args.new_tokens} new greedy tokens each; "
-             f"best and median of {args.repeats} interleaved runs (tokens/s, prefill included).", "",
+             f"median and spread (min-max) of {args.repeats} interleaved runs (tokens/s, prefill "
+             "included); CPU busy = this process's CPU seconds / wall seconds (at most "
+             f"{THREADS}.00; lower: other processes took CPU).", "",
              f"Command: `{command.strip()}`  ", f"Date: {datetime.date.today().isoformat()}", "",
-             "| config | best tok/s | median tok/s |", "|---|---|---|"]
-    lines += [f"| ({c.key}) {c.label} | {best[c.key]:.1f} | {median[c.key]:.1f} |"
-              for c in configs]
-    lines += ["", *verdict(best), "",
+             "| config | median tok/s | spread | CPU busy |", "|---|---|---|---|"]
+    for c in configs:
+        tok_s = [r.tok_s for r in runs[c.key]]
+        busy = [r.cpu_seconds / r.seconds for r in runs[c.key]]
+        lines.append(f"| ({c.key}) {c.label} | {median[c.key]:.1f} | {min(tok_s):.1f}-"
+                     f"{max(tok_s):.1f} | {min(busy):.2f}-{max(busy):.2f} |")
+    lines += ["", *verdict(median), "",
+              f"- load average (1 min) before the run {load_before:.2f}, after "
+              f"{os.getloadavg()[0]:.2f}", "",
               "DoRA costs at load (each layer's weight norms once, then per adapter a pass of its "
               "r rows of A through the layer) and per step one [tokens, out] scale of the base "
               "output per layer while a DoRA slot is in the batch.", "", "## Machine", ""]
@@ -138,15 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
 
 
-def verdict(best: dict[str, float]) -> list[str]:
-    """The target, for each slot-table dtype, and what separates the configs."""
+def verdict(median: dict[str, float]) -> list[str]:
+    """The target, for each slot-table dtype, and what separates the configs (medians)."""
     lines = []
     for tables, e, d in (("fp32", "e", "d"), ("bf16", "e-bf16", "d-bf16")):
-        ratio = best[e] / best["c"]
-        lines.append(f"- {tables} slot tables: ({e}) / (c) = {ratio:.2f} (best of each), target >= "
+        ratio = median[e] / median["c"]
+        lines.append(f"- {tables} slot tables: ({e}) / (c) = {ratio:.2f} (medians), target >= "
                      f"{TARGET}: **{'PASS' if ratio >= TARGET else 'MISS'}**; DoRA over plain LoRA "
-                     f"({e}) / ({d}) = {best[e] / best[d]:.2f}; plain LoRA over base ({d}) / (c) = "
-                     f"{best[d] / best['c']:.2f}.")
+                     f"({e}) / ({d}) = {median[e] / median[d]:.2f}; plain LoRA over base ({d}) / "
+                     f"(c) = {median[d] / median['c']:.2f}.")
     lines += ["", "With 32 distinct rank-16 adapters, every decode step reads each adapter's A and "
               "B for all 7 modules of all 30 layers (~19.5 MB per adapter in fp32, ~0.6 GB a "
               "step): the LoRA op is bound by memory bandwidth on 2 cores, so bf16 tables, half "
