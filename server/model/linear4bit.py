@@ -53,7 +53,8 @@ def load() -> ModuleType | None:
 
 
 def _cpu_packing():
-    """bitsandbytes' CPU repacking (0.49+), or None for a version without it."""
+    """bitsandbytes' CPU repacking (a private function of bitsandbytes 0.50), or None for a
+    version without it."""
     import bitsandbytes.functional as F
     return getattr(F, "_convert_weight_packed_for_cpu", None)
 
@@ -89,7 +90,6 @@ class CpuLinear4bit(bnb.nn.Linear4bit):
         if not getattr(self.weight.quant_state, "packing_format_for_cpu", False):
             self.weight.data, self.weight.quant_state = _cpu_packing()(self.weight.data,
                                                                        self.weight.quant_state)
-            self.weight.quant_state.code = self.weight.quant_state.code.float()
 
 
 def use_cpu_kernel(hf: torch.nn.Module) -> int:
