@@ -163,3 +163,17 @@ def smollm2_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("loraplex-smollm2-cache")
     build_smollm2_demo(root, progress=None)
     return root
+
+
+@pytest.fixture
+def failing_build(monkeypatch):
+    """fail(native): a NativeModule (server/native.py) whose build fails as on a machine
+    without a compiler; the module is unbuilt and unfailed until its next load()."""
+    def fail(native):
+        def no_compiler():
+            raise RuntimeError(f"Error building extension '{native.name}': c++: not found")
+
+        monkeypatch.setattr(native, "_build", no_compiler)
+        monkeypatch.setattr(native, "_module", None)
+        monkeypatch.setattr(native, "_failed", False)
+    return fail

@@ -124,13 +124,8 @@ def test_a_cpu_without_the_instructions_warns_once_and_bitsandbytes_serves(monke
     assert len(warnings) == 1 and "AVX512-BF16" in warnings[0].getMessage()
 
 
-def test_a_failed_build_warns_once_and_bitsandbytes_serves(monkeypatch, caplog):
-    def no_compiler():
-        raise RuntimeError("Error building extension 'loraplex_linear4bit_cpu': c++: not found")
-
-    monkeypatch.setattr(linear4bit.KERNEL, "_build", no_compiler)
-    monkeypatch.setattr(linear4bit.KERNEL, "_module", None)
-    monkeypatch.setattr(linear4bit.KERNEL, "_failed", False)
+def test_a_failed_build_warns_once_and_bitsandbytes_serves(failing_build, caplog):
+    failing_build(linear4bit.KERNEL)
     with caplog.at_level(logging.WARNING, logger=linear4bit.__name__):
         for _ in range(2):
             layer, w = quantized_layer(64, 32, "nf4", torch.float32)

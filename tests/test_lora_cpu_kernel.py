@@ -219,13 +219,8 @@ def test_a_slot_reused_by_a_smaller_rank_keeps_zeros_past_the_rank():
     assert not layer.lora_a.any() and not layer.lora_b.any() and not layer.scale.any()
 
 
-def test_a_failed_build_warns_once_and_pytorch_serves(monkeypatch, caplog):
-    def no_compiler():
-        raise RuntimeError("Error building extension 'loraplex_lora_cpu': c++: not found")
-
-    monkeypatch.setattr(lora_cpu_kernel.KERNEL, "_build", no_compiler)
-    monkeypatch.setattr(lora_cpu_kernel.KERNEL, "_module", None)
-    monkeypatch.setattr(lora_cpu_kernel.KERNEL, "_failed", False)
+def test_a_failed_build_warns_once_and_pytorch_serves(failing_build, caplog):
+    failing_build(lora_cpu_kernel.KERNEL)
     gen = torch.Generator().manual_seed(25)
     A, B, _, _, scale, rank = make_tables(48, 40, 8, gen, torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger=lora_cpu_kernel.__name__):
