@@ -364,8 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = ".venv/bin/python -m benchmarks.peers " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
+    command = (".venv/bin/python -m benchmarks.peers " + shlex.join(
+        sys.argv[1:] if argv is None else argv)).strip()
     new_tokens = ce.QUICK_NEW_TOKENS if args.quick else ce.NEW_TOKENS
     torch.set_num_threads(ce.THREADS)
     from transformers.utils import logging as hf_logging
