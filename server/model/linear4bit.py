@@ -27,6 +27,7 @@ from server.native import NativeModule
 log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK = 32  # output rows per block of bitsandbytes' CPU packing
+MAX_BLOCKSIZE = 1024  # the kernel's widened block buffer: kMaxPairs input pairs
 
 KERNEL = NativeModule(
     "loraplex_linear4bit_cpu",
@@ -64,7 +65,7 @@ def _fits(layer) -> bool:
     state = layer.weight.quant_state
     return (layer.weight.device.type == "cpu" and state is not None
             and layer.out_features % ROWS_PER_BLOCK == 0
-            and state.blocksize % 2 == 0 and state.blocksize <= 1024
+            and state.blocksize % 2 == 0 and state.blocksize <= MAX_BLOCKSIZE
             and layer.in_features % state.blocksize == 0)
 
 

@@ -104,6 +104,17 @@ void block_tokens(const Widened<V>& w, int pairs, const uint16_t* const* x, cons
 template <int V>
 constexpr int tokens_per_pass() { return V == 4 ? 5 : 8; }
 
+// block_tokens<V, nt> for a run-time nt <= N (the last register block of a chunk is shorter).
+template <int V, int N>
+void block_tokens_upto(int nt, const Widened<V>& w, int pairs, const uint16_t* const* x,
+                       const __m512* scale, float* const* acc) {
+  if (nt == N) {
+    block_tokens<V, N>(w, pairs, x, scale, acc);
+  } else if constexpr (N > 1) {
+    block_tokens_upto<V, N - 1>(nt, w, pairs, x, scale, acc);
+  }
+}
+
 // The tokens [0, count) of a chunk, a register block at a time, against one widened block.
 template <int V>
 void block_chunk(const Widened<V>& w, int pairs, const uint16_t* x, int64_t x_stride, int64_t k0,
@@ -117,16 +128,7 @@ void block_chunk(const Widened<V>& w, int pairs, const uint16_t* x, int64_t x_st
       rows[t] = x + (t0 + t) * x_stride + k0;
       sums[t] = acc + (t0 + t) * 16 * V;
     }
-    switch (nt) {
-      case 8: block_tokens<V, (NT < 8 ? NT : 8)>(w, pairs, rows, scale, sums); break;
-      case 7: block_tokens<V, (NT < 7 ? NT : 7)>(w, pairs, rows, scale, sums); break;
-      case 6: block_tokens<V, (NT < 6 ? NT : 6)>(w, pairs, rows, scale, sums); break;
-      case 5: block_tokens<V, 5>(w, pairs, rows, scale, sums); break;
-      case 4: block_tokens<V, 4>(w, pairs, rows, scale, sums); break;
-      case 3: block_tokens<V, 3>(w, pairs, rows, scale, sums); break;
-      case 2: block_tokens<V, 2>(w, pairs, rows, scale, sums); break;
-      default: block_tokens<V, 1>(w, pairs, rows, scale, sums); break;
-    }
+    block_tokens_upto<V, NT>(nt, w, pairs, rows, scale, sums);
   }
 }
 
