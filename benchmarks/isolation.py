@@ -67,7 +67,7 @@ WARM = 3.0  # seconds B's clients run before A's stream starts
 MAX_BATCH = 64  # the server's default --max-batch-size
 BATCH_SEQUENCES = 4  # the decoding batch beside the loads, in the step-time measurement
 NICE_LEVELS = (0, 10, 19)
-SLOT_WRITES = EngineConfig().max_slot_writes_per_step  # the server's defaults
+SLOT_WRITE_MB = EngineConfig().max_slot_write_mb_per_step  # the server's defaults
 LOAD_THREADS = RegistryConfig().load_workers
 LOAD_NICE = RegistryConfig().load_nice
 TTFT_RATIO = 2.0
@@ -442,8 +442,9 @@ def report(phases: dict[str, Phase], fcfs: Phase | None, steps: list[StepTimes],
               f"{COLD_ADAPTERS} never-loaded adapters are requested at once (loads on the "
               f"registry's {LOAD_THREADS} background thread(s) at each nice value), then their "
               f"requests (8 "
-              f"prompt tokens, 1 new token) join the batch, at most {SLOT_WRITES} slot "
-              f"write(s) per step (--max-slot-writes-per-step). "
+              f"prompt tokens, 1 new token) join the batch, at most {SLOT_WRITE_MB:g} MiB of "
+              f"slot writes per step, the first always (--max-slot-write-mb-per-step: one of "
+              f"these adapters a step). "
               f"Step times in ms, median / p90 / max:", "",
               "| load threads' nice | batch alone | while loading | while admitting | "
               "loads took |",
@@ -472,8 +473,8 @@ def report(phases: dict[str, Phase], fcfs: Phase | None, steps: list[StepTimes],
               f"adapters sooner on a busy CPU, at the cost the rows above show) "
               "(server/engine/threads.py), the model's objects are out of the garbage "
               "collector's full passes (gc.freeze once loaded, server/app.py), and at most "
-              f"--max-slot-writes-per-step ({SLOT_WRITES}) adapters are copied into slots "
-              f"before a step.",
+              f"--max-slot-write-mb-per-step ({SLOT_WRITE_MB:g} MiB) of adapters are copied "
+              f"into slots before a step, the first always.",
               "- (iii): --admission fair (server/engine/admission.py): the waiting adapter "
               "served the fewest tokens goes first, so A's requests wait for one free place in "
               "the batch, not behind B's queue.",

@@ -112,11 +112,13 @@ class EngineConfig:
         default=0,
         metadata={"help": "Most requests of one adapter waiting; more are refused with "
                           "RESOURCE_EXHAUSTED / 429 and a retry hint. 0 = only --max-queue."})
-    max_slot_writes_per_step: int = field(
-        default=1,
-        metadata={"help": "Most adapters copied into device slots before one step (each costs "
-                          "the running batch a pause); more cold adapters wait for later steps. "
-                          "0 = no limit."})
+    max_slot_write_mb_per_step: float = field(
+        default=16.0,
+        metadata={"help": "Most MiB of adapter weights (as held in host RAM) copied into device "
+                          "slots before one step: each write pauses the running batch for about "
+                          "its size, so small adapters enter several a step and large ones one; "
+                          "the step's first write always goes ahead. More cold adapters wait "
+                          "for later steps. 0 = no limit."})
     lora_kernel: str = field(
         default="auto",
         metadata={"help": "Which code applies the adapters on the CPU: auto = the C++ kernel "
@@ -143,7 +145,7 @@ class EngineConfig:
             raise ConfigError(f"--admission must be one of {ADMISSION_CHOICES}, "
                               f"not {self.admission!r}")
         for name in ("max_running_per_adapter", "max_queue_per_adapter",
-                     "max_slot_writes_per_step"):
+                     "max_slot_write_mb_per_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = no limit)")
         self.weights()  # raises on a malformed --adapter-weights

@@ -7,6 +7,8 @@ sequences were admitted, never times.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from adapters_registry.host_cache import AdapterKey, AdapterLease
@@ -27,8 +29,14 @@ def _scheduler(policy="fair", *, batch=4, slots=8, weights=None, **limits) -> Sc
                      waiting=make_waiting_queue(policy, weights), **limits)
 
 
-def _seq(name: str | None, label: str) -> Sequence:
-    lease = None if name is None else AdapterLease(AdapterKey(name, 1, name), weights=None)
+@dataclass(frozen=True)
+class _Weights:
+    nbytes: int  # all the scheduler reads of an adapter's weights
+
+
+def _seq(name: str | None, label: str, nbytes: int = 1000) -> Sequence:
+    lease = (None if name is None
+             else AdapterLease(AdapterKey(name, 1, name), weights=_Weights(nbytes)))
     return Sequence(request_id=label, prompt_ids=list(PROMPT), params=SamplingParams(),
                     adapter=lease, generator=None)
 
@@ -117,16 +125,36 @@ def test_a_running_limit_per_adapter_leaves_room_for_others():
     assert len(_positions(order[:4], "base")) == 2  # base requests fill the other half at once
 
 
-def test_cold_adapters_enter_slots_a_bounded_number_per_step():
-    scheduler = _scheduler("fair", batch=8, max_slot_writes_per_step=2)
+def test_cold_adapters_enter_slots_within_a_byte_budget_per_step():
+    scheduler = _scheduler("fair", batch=8, max_slot_write_bytes_per_step=2500)
     for i in range(5):
-        scheduler.add(_seq(f"cold-{i}", f"c{i}"))
+        scheduler.add(_seq(f"cold-{i}", f"c{i}", nbytes=1000))
     scheduler.add(_seq(None, "base"))
     first = scheduler.schedule()
-    assert sum(c.writes_slot for c in first) == 2
+    assert sum(c.writes_slot for c in first) == 2  # a third would copy 3000 bytes
     assert "base" in [c.seq.request_id for c in first]  # needs no slot: not held back
     second = scheduler.schedule()
     assert sum(c.writes_slot for c in second) == 2
+
+
+def test_an_adapter_larger_than_the_budget_still_enters_alone():
+    scheduler = _scheduler("fcfs", batch=8, max_slot_write_bytes_per_step=2500)
+    scheduler.add(_seq("big", "big", nbytes=4000))
+    scheduler.add(_seq("small", "small", nbytes=100))
+    first = scheduler.schedule()
+    assert [c.seq.request_id for c in first if c.writes_slot] == ["big"]
+    second = scheduler.schedule()
+    assert [c.seq.request_id for c in second if c.writes_slot] == ["small"]
+
+
+def test_small_adapters_enter_many_a_step_where_large_ones_enter_one():
+    small, large = (_scheduler("fair", batch=16, max_slot_write_bytes_per_step=16 * 2**20)
+                    for _ in range(2))
+    for i in range(8):
+        small.add(_seq(f"s{i}", f"s{i}", nbytes=2 * 2**20))  # rank 16 on q, v of the demo
+        large.add(_seq(f"l{i}", f"l{i}", nbytes=10 * 2**20))  # rank 16 on all 7 modules
+    assert sum(c.writes_slot for c in small.schedule()) == 8
+    assert sum(c.writes_slot for c in large.schedule()) == 1
 
 
 def test_a_preempted_sequence_goes_back_to_the_front_of_its_adapter_queue():

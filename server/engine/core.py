@@ -122,7 +122,7 @@ class EngineCore:
             max_step_tokens=config.max_step_tokens,
             waiting=make_waiting_queue(config.admission, config.weights()),
             max_running_per_adapter=config.max_running_per_adapter,
-            max_slot_writes_per_step=config.max_slot_writes_per_step)
+            max_slot_write_bytes_per_step=int(config.max_slot_write_mb_per_step * 2**20))
         self.runner = ModelRunner(model.hf, self.kv, self.lora)
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}

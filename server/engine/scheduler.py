@@ -6,7 +6,8 @@ most recently admitted sequence (its blocks are freed and it is recomputed later
 waiting sequences in the order the admission policy offers them (server/engine/admission.py: fair
 across adapters, or first come first served) while the step's token budget, the batch size, the
 free KV blocks and the adapter slots allow. A sequence whose adapter cannot get a slot, whose
-adapter is at --max-running-per-adapter, or that would exceed the step's slot writes is skipped
+adapter is at --max-running-per-adapter, or whose slot write would exceed the step's budget of
+slot-write bytes (--max-slot-write-mb-per-step; the first write of a step always fits) is skipped
 for this step; one that does not fit the free KV blocks stops admission (memory is first come,
 first served). A request that does not fit waits; it never fails the batch.
 
@@ -72,15 +73,15 @@ class ScheduledChunk:
 class Scheduler:
     def __init__(self, kv: KVCache, slots: AdapterSlots, *, max_batch_size: int,
                  max_step_tokens: int, waiting: WaitingQueue | None = None,
-                 max_running_per_adapter: int = 0, max_slot_writes_per_step: int = 0):
+                 max_running_per_adapter: int = 0, max_slot_write_bytes_per_step: int = 0):
         """`waiting`: the admission policy's queue (default: first come, first served).
-        The two limits: 0 = none."""
+        The two limits: 0 = none. A slot write costs the adapter's bytes in host RAM."""
         self.kv = kv
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
         self.max_running_per_adapter = max_running_per_adapter
-        self.max_slot_writes_per_step = max_slot_writes_per_step
+        self.max_slot_write_bytes_per_step = max_slot_write_bytes_per_step
         self.waiting = waiting if waiting is not None else FcfsQueue()
         self.running: list[Sequence] = []  # in admission order
         self.running_counts: Counter[str] = Counter()  # running sequences per tenant
@@ -118,11 +119,11 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
-        slot_writes = 0
+        written = 0  # bytes of adapter weights this step's slot writes copy
         for seq in self.waiting.offers():
             if budget == 0 or len(self.running) >= self.max_batch_size:
                 break
-            if not self._may_start(seq, slot_writes):
+            if not self._may_start(seq, written):
                 continue  # stays waiting; later ones may start
             n = min(seq.num_tokens, budget)
             blocks = self.kv.blocks_needed(n)
@@ -133,7 +134,7 @@ class Scheduler:
             if seq.adapter is not None:
                 placement = self.slots.acquire(seq.adapter.key)
                 seq.slot, writes_slot = placement.slot, placement.needs_write
-                slot_writes += writes_slot
+                written += seq.adapter.weights.nbytes if writes_slot else 0
             seq.block_table = self.kv.allocator.allocate(blocks)
             seq.num_computed = 0
             seq.status = SeqStatus.RUNNING
@@ -145,7 +146,7 @@ class Scheduler:
             self.waiting.charge(tenant_of(seq), n)
             budget -= n
 
-    def _may_start(self, seq: Sequence, slot_writes: int) -> bool:
+    def _may_start(self, seq: Sequence, written: int) -> bool:
         """Whether seq's adapter limits let it start now (memory and budget aside)."""
         limit = self.max_running_per_adapter
         if limit and self.running_counts[tenant_of(seq)] >= limit:
@@ -154,9 +155,9 @@ class Scheduler:
             return True
         if seq.adapter.key in self.slots.slot_of:
             return True  # its version is in a slot already: nothing to write
-        writes_left = (not self.max_slot_writes_per_step
-                       or slot_writes < self.max_slot_writes_per_step)
-        return writes_left and self.slots.can_place(seq.adapter.key)
+        limit = self.max_slot_write_bytes_per_step
+        fits = not limit or not written or written + seq.adapter.weights.nbytes <= limit
+        return fits and self.slots.can_place(seq.adapter.key)
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledChunk]) -> bool:
         """Gives seq blocks for num_tokens positions, preempting the newest others if needed."""
