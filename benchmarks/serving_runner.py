@@ -45,9 +45,11 @@ class RequestResult:
 
 # ---- assets ----------------------------------------------------------------------------------
 
-def build_store(store_dir: Path, model_dir: Path, count: int, log) -> None:
+def build_store(store_dir: Path, model_dir: Path, count: int, log,
+                target_modules: tuple[str, ...] | None = None) -> None:
     """Makes `store_dir` hold adapters bench-0000 .. bench-{count-1}; only missing ones are
-    written. Each is a PEFT-format rank-16 adapter on all 7 modules with its own seed, bf16.
+    written. Each is a PEFT-format rank-16 adapter with its own seed, bf16, on `target_modules`
+    (default: all 7 modules). A store holds one kind of adapter: name it by its modules.
 
     `<store_dir>.count` (written atomically once a build ends) records how many are complete, so a
     later run that needs no more does not open the store (another process may hold its lock)."""
@@ -61,12 +63,13 @@ def build_store(store_dir: Path, model_dir: Path, count: int, log) -> None:
     try:
         missing = [i for i in range(count) if adapter_name(i) not in store]
         if missing:
-            log(f"writing {len(missing)} adapters into {store_dir} (once; ~10 MB each)")
+            log(f"writing {len(missing)} adapters into {store_dir} (once)")
         scratch = Path(tempfile.mkdtemp(prefix="adapter-", dir=store_dir.parent))
         try:
             for done, index in enumerate(missing, 1):
                 write_lora_adapter(scratch, base_model_dir=model_dir, r=RANK,
-                                   lora_alpha=LORA_ALPHA, target_modules=ALL_LINEAR_MODULES,
+                                   lora_alpha=LORA_ALPHA,
+                                   target_modules=target_modules or ALL_LINEAR_MODULES,
                                    seed=10_000 + index, init_std=0.02, dtype=_bf16())
                 store.put(adapter_name(index), (scratch / "adapter_config.json").read_bytes(),
                           (scratch / "adapter_model.safetensors").read_bytes())
@@ -115,20 +118,23 @@ def free_port() -> int:
 
 
 class ServingServer:
-    """`loraplex serve` on the benchmark model and store, in a child process."""
+    """`loraplex serve` on the benchmark model and store, in a child process (NF4 base, fp32
+    compute unless told otherwise; `extra`: more command-line flags)."""
 
     def __init__(self, model_dir: Path, store_dir: Path, *, max_slots: int, max_batch_size: int,
-                 lora_dtype: str, adapter_cache_mb: int, threads: int):
+                 lora_dtype: str, adapter_cache_mb: int, threads: int, quantize: str = "nf4",
+                 dtype: str = "float32", extra: tuple[str, ...] = ()):
         from tests.server_process import start_server
 
         self.metrics_port = free_port()
         self.process = start_server(
-            "--model", str(model_dir), "--quantize", "nf4", "--store", str(store_dir),
+            "--model", str(model_dir), "--quantize", quantize, "--dtype", dtype,
+            "--store", str(store_dir),
             "--max-slots", str(max_slots), "--max-rank", str(RANK),
             "--max-batch-size", str(max_batch_size), "--lora-dtype", lora_dtype,
             "--adapter-cache-mb", str(adapter_cache_mb), "--kv-cache-mb", "512",
             "--threads", str(threads), "--max-queue", "4096",
-            "--metrics-port", str(self.metrics_port))
+            "--metrics-port", str(self.metrics_port), *extra)
         if not self.process.port:
             raise RuntimeError("the server did not start:\n" + self.process.output()[-3000:])
         self._warm_up()
