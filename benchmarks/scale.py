@@ -37,8 +37,10 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,8 +227,11 @@ def report(results: list[SizeResult], base_params: int, rounds: int, num_request
                 f"{pt.busy(pt.client_cpu):.2f} | {pt.load_avg:.2f} | {pt.failures} | "
                 f"{pt.rss_bytes / 2**20:.0f} | {pt.host_cache_bytes / 2**20:.0f} |")
     every = [pt for res in results for group in (res.few, res.many) for pt in group.points]
+    errors = Counter(re.sub(r"bench-\d+", "bench-N", r.error)[:160] for pt in every
+                     for r in pt.results if r.error)
     lines += ["", "## Checks", "",
-              f"- failed requests over every timed run: {sum(pt.failures for pt in every)}",
+              f"- failed requests over every timed run: {sum(pt.failures for pt in every)}"
+              + "".join(f"; {count} x {error}" for error, count in errors.most_common()),
               f"- requests that ended at EOS before their output length: "
               f"{sum(pt.ended_early for pt in every)} of {sum(len(pt.results) for pt in every)}",
               f"- 1-minute load average before the run {loads[0]:.2f}, at the end of each run "
