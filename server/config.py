@@ -18,7 +18,7 @@ from server.errors import ConfigError
 
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-LORA_KERNEL_CHOICES = ("auto", "cpp", "torch")
+LORA_KERNEL_CHOICES = ("auto", "cpp", "triton", "torch")
 QUANT_KERNEL_CHOICES = ("auto", "bitsandbytes")
 PREPACK_CHOICES = ("auto", "all", "off")
 ADMISSION_CHOICES = ("fair", "fcfs")
@@ -121,9 +121,11 @@ class EngineConfig:
                           "for later steps. 0 = no limit."})
     lora_kernel: str = field(
         default="auto",
-        metadata={"help": "Which code applies the adapters on the CPU: auto = the C++ kernel "
-                          "(built at start) for small slots and PyTorch for large ones, cpp = "
-                          "the kernel for all, torch = never the kernel. Other devices: PyTorch.",
+        metadata={"help": "Which code applies the adapters: auto = by the device: on CUDA the "
+                          "Triton kernels, on the CPU the C++ kernel (built at start) for small "
+                          "slots and PyTorch for large ones; cpp = the C++ kernel for all (CPU "
+                          "only); triton = the Triton kernels (on the CPU in Triton's "
+                          "interpreter: slow, for tests); torch = PyTorch only.",
                   "choices": LORA_KERNEL_CHOICES})
 
     def validate(self) -> None:

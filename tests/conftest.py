@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Servers and commands started without --model serve the tiny random-weight demo (fast); the
 # tests of the real SmolLM2 demo ask for it with --demo smollm2.
 os.environ.setdefault("LORAPLEX_DEMO", "tiny")
+# The CUDA kernels run in Triton's interpreter on CPU tensors. Triton reads this when it is first
+# imported (its own library of jit functions is built then), so it is set before anything can
+# import it; nothing in the tests runs on a GPU.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -6,7 +6,8 @@ lm_head, as PEFT saves it) and the base model, the engine's logits match `PeftMo
 adapter active, and greedy generations are identical token for token: each request alone, all
 interleaved in the same batches (DoRA, plain LoRA, embedding / lm_head LoRA and base requests
 together), and joining a running batch. The tiny model in fp32, NF4, fp4 and int8 (bitsandbytes
-on both sides), fp32 with bf16 slot tables, and its tied-embeddings variant (lm_head shares
+on both sides), fp32 with bf16 slot tables, fp32 with the kernels a CUDA device gets (run by
+Triton's interpreter on CPU tensors), and its tied-embeddings variant (lm_head shares
 embed_tokens' weight) in fp32.
 """
 
@@ -45,9 +46,9 @@ PROMPTS = [
 # 3.0e-2): 5e-2, with greedy tokens still identical.
 BF16_STEP = 2**-8
 INT8_STEP = 1 / 127
-TOLERANCE = {"fp32": 1e-4, "tied-fp32": 1e-4, "nf4": 2 * BF16_STEP, "fp4": 2 * BF16_STEP,
+TOLERANCE = {"fp32": 1e-4, "tied-fp32": 1e-4, "fp32-cuda-kernels": 1e-4, "nf4": 2 * BF16_STEP, "fp4": 2 * BF16_STEP,
              "int8": 2 * INT8_STEP, "bf16-tables": 5e-2}
-EXACT_BASES = ("fp32", "tied-fp32")
+EXACT_BASES = ("fp32", "tied-fp32", "fp32-cuda-kernels")
 """fp32 throughout: greedy tokens must be identical at every step, ties or not."""
 MAX_NEAR_TIES = 2
 """Sequences a test may cut short at a near-tie (not on EXACT_BASES), out of the 39 it compares:
@@ -61,8 +62,11 @@ def tolerance(base: str, adapter: str | None) -> float:
 
 BASES = {"fp32": ("untied", "none", "float32"), "nf4": ("untied", "nf4", "float32"),
          "tied-fp32": ("tied", "none", "float32"), "fp4": ("untied", "fp4", "float32"),
-         "int8": ("untied", "int8", "float32"), "bf16-tables": ("untied", "none", "bfloat16")}
+         "int8": ("untied", "int8", "float32"), "bf16-tables": ("untied", "none", "bfloat16"),
+         "fp32-cuda-kernels": ("untied", "none", "float32")}
 """base id -> (embeddings, quantization, slot-table dtype)."""
+CUDA_KERNELS = dict(lora_kernel="triton")
+"""The kernels a CUDA device gets, run here in Triton's interpreter on CPU tensors."""
 
 
 @pytest.fixture(scope="module", params=list(BASES))
@@ -156,8 +160,9 @@ def _peft_greedy(model, prompt):
 
 @pytest.fixture(scope="module")
 def core(base, quantize, model_dir, adapter_dirs):
+    kernels = CUDA_KERNELS if base == "fp32-cuda-kernels" else {}
     return make_core(model_dir, adapter_dirs, quantize=quantize, max_slots=4,
-                     max_rank=64, lora_dtype=BASES[base][2])
+                     max_rank=64, lora_dtype=BASES[base][2], **kernels)
 
 
 def _cases(adapter_dirs):

@@ -15,7 +15,7 @@ import torch
 
 from server.lora import cpu_kernel as lora_cpu_kernel, op as lora_op
 from server.lora.layer import LoraContext, MultiLoraLinear
-from server.lora.op import CpuKernel, SlotMapping, lora_apply, lora_reference, select_kernel
+from server.lora.op import LoraKernel, SlotMapping, lora_apply, lora_reference, select_kernel
 
 S = 8
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -78,7 +78,7 @@ and a real model's down_proj."""
 
 
 @pytest.fixture(params=["auto", "cpp"])
-def kernel_mode(request, kernel) -> CpuKernel:
+def kernel_mode(request, kernel) -> LoraKernel:
     """The kernel as an engine selects it for --lora-kernel auto and cpp."""
     return select_kernel(request.param, "cpu")
 
@@ -158,8 +158,7 @@ def test_bf16_activations_are_the_kernels_with_one_rounding_of_y(kernel_mode, ta
     y = torch.randn(len(slot), 64, generator=gen).to(torch.bfloat16)
     y_before = y.clone()
     mapping = SlotMapping.build(slot, kernel_mode)
-    assert mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel.entries,
-                              mapping.kernel.tokens)
+    assert mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel)
     expected = (y_before.float() + lora_reference(x, slot, A, B, scale)).to(torch.bfloat16)
     assert torch.equal(y, expected) or (y.float() - expected.float()).abs().max() <= \
         2**-8 * float(expected.float().abs().max())  # one bf16 step where fp32 sums tie
@@ -174,8 +173,7 @@ def test_calls_that_are_not_the_kernels_run_pytorch(kernel_mode):
     x = torch.randn(4, 32, generator=gen).to(torch.float16)
     y = torch.zeros(4, 16, dtype=torch.float16)
     mapping = SlotMapping.build(slot, kernel_mode)
-    assert not mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel.entries,
-                                  mapping.kernel.tokens)
+    assert not mapping.kernel.run(y, x, A, B, scale, rank, mapping.kernel)
     lora_apply(y, x, mapping, A, B, scale, rank)
     expected = lora_reference(x, slot, A, B, scale)
     torch.testing.assert_close(y.float(), expected, rtol=2e-2,

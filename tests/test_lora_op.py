@@ -1,6 +1,6 @@
 """The batched LoRA op: the fast path `lora_apply` computes exactly what the per-token loop
 `lora_reference` defines, for every slot pattern and every strategy (PyTorch segments, padded
-batch, and the C++ CPU kernel in `auto` and `cpp` modes).
+batch, the C++ CPU kernel in `auto` and `cpp` modes, and the Triton kernels in the interpreter).
 
     y[t] += scale[slot[t]] * (A[slot[t]] @ x[t]) @ B[slot[t]]    for slot[t] >= 0
 """
@@ -82,9 +82,11 @@ STRATEGIES = {
     "torch all batched, gathered weights": dict(kernel="torch", HEAVY_TOKENS=10**9, SPAN_SLACK=0),
     "auto (kernel for light slots)": dict(kernel="auto"),
     "cpp (kernel for every slot)": dict(kernel="cpp"),
+    "triton (CUDA kernels, interpreted)": dict(kernel="triton"),
 }
 """The C++ strategies run PyTorch where the kernel cannot be built (tests/test_lora_cpu_kernel.py
-checks that it is built wherever a compiler is)."""
+checks that it is built wherever a compiler is); the Triton one runs the CUDA kernels in Triton's
+interpreter (tests/test_lora_triton_kernel.py has the cases only they have)."""
 
 
 @pytest.fixture(params=list(STRATEGIES))

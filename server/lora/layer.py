@@ -17,15 +17,15 @@ from torch import nn
 from adapters_registry.weights import LoraWeights
 from adapters_registry.spec import TARGET_MODULES, module_path
 from server.lora.dora import dora_factor, weight_row_sq_norms
-from server.lora.op import CpuKernel, SlotMapping, lora_apply
+from server.lora.op import LoraKernel, SlotMapping, lora_apply
 from server.lora.vocab import MultiLoraEmbedding, MultiLoraLMHead
 
 
 class LoraContext:
     """The per-step token -> slot mapping shared by every wrapped module."""
 
-    def __init__(self, kernel: CpuKernel | None = None):
-        """kernel: the CPU kernel chosen at engine start (`select_kernel`); None = PyTorch."""
+    def __init__(self, kernel: LoraKernel | None = None):
+        """kernel: the kernel chosen at engine start (`select_kernel`); None = PyTorch."""
         self.kernel = kernel
         self.set_step(torch.empty(0, dtype=torch.long))
 

@@ -20,30 +20,41 @@ then runs per wrapped Linear with a handful of tensor ops:
 Padded rows repeat a real token of the same entry; their scale is 0, so they add exactly 0.
 Tables may be fp32 or bf16: x is cast to the table dtype, the result back to y's dtype.
 
-On the CPU, a C++ kernel (`server.lora.cpu_kernel`) serves the slots with fewer than
-`CpuKernel.max_tokens` tokens instead: it groups tokens by slot, reads each slot's table rows in
-place (fp32 math whatever the table dtype), and skips the zero rows past each slot's rank when
-`lora_apply` gets a `rank` array. It takes a call only when it is its kind (CPU tensors, fp32 or
-bf16 x and y, fp32 or bf16 tables); any other call runs the PyTorch path.
-`select_kernel(mode, device)` chooses once, at engine start (`--lora-kernel`):
+Two kernels serve the slots of a plan (`_KernelPlan`: tokens grouped by slot) instead:
 
-- `auto` (default): the kernel for the slots with fewer than KERNEL_MAX_TOKENS tokens, PyTorch
-  segments for the larger ones;
-- `cpp`: the kernel for every slot;
-- `torch`: never the kernel.
+- on the CPU, a C++ kernel (`server.lora.cpu_kernel`) for the slots with fewer than
+  `LoraKernel.max_tokens` tokens: it reads each slot's table rows in place (fp32 math whatever
+  the table dtype) and skips the zero rows past each slot's rank;
+- on CUDA, Triton shrink and expand kernels (`server.lora.triton_kernel`) for every slot; on
+  CPU tensors they run in Triton's interpreter, which is how tests check them without a GPU.
 
-If the kernel cannot be built (no compiler, no ninja, ...), one warning is logged and PyTorch
-serves every call. Other devices always take the PyTorch path.
+A kernel takes a call only when it is its kind (its device, dtypes it takes); any other call
+runs the PyTorch path. `select_kernel(mode, device)` chooses once, at engine start
+(`--lora-kernel`); it is the one place that knows which kernel serves which device:
+
+- `auto` (default): on the CPU the C++ kernel for the slots with fewer than KERNEL_MAX_TOKENS
+  tokens and PyTorch segments for the larger ones; on CUDA the Triton kernels;
+- `cpp`: the C++ kernel for every slot (CPU only);
+- `triton`: the Triton kernels (on a CPU device, interpreted: slow, for tests);
+- `torch`: never a kernel.
+
+If the chosen kernel cannot be built or imported (no compiler, no Triton, ...) under `auto`,
+one warning is logged and PyTorch serves every call.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from server.lora import cpu_kernel as lora_cpu_kernel
+
+log = logging.getLogger(__name__)
 
 HEAVY_TOKENS = 32
 """A slot with at least this many tokens gets its own two matmuls; fewer, it joins the padded
@@ -59,27 +70,68 @@ about where the two tie with fp32 tables (`python -m benchmarks.lora_op_micro` m
 
 
 @dataclass(frozen=True)
-class CpuKernel:
-    """The C++ kernel as chosen at engine start: it serves slots with fewer than `max_tokens`
-    tokens. `run(y, x, A, B, scale, rank, entries, tokens)` returns False, doing nothing, when
-    the call is not its kind."""
+class LoraKernel:
+    """A kernel as chosen at engine start: it serves slots with fewer than `max_tokens` tokens.
+    `run(y, x, A, B, scale, rank, plan)` returns False, doing nothing, when the call is not its
+    kind."""
 
+    name: str  # cpp, triton
     run: Callable[..., bool]
     max_tokens: float
 
 
-def select_kernel(mode: str, device: torch.device | str) -> CpuKernel | None:
-    """The kernel for `mode` (auto, cpp, torch) on `device`, built or loaded now; None: PyTorch
-    serves every call (torch mode, not a CPU, or the kernel cannot be built)."""
-    if mode not in ("auto", "cpp", "torch"):
-        raise ValueError(f"the LoRA kernel mode must be auto, cpp or torch, not {mode!r}")
-    if mode == "torch" or torch.device(device).type != "cpu":
+def select_kernel(mode: str, device: torch.device | str) -> LoraKernel | None:
+    """The kernel for `mode` (auto, cpp, triton, torch) on `device`, built or loaded now;
+    None: PyTorch serves every call."""
+    if mode not in ("auto", "cpp", "triton", "torch"):
+        raise ValueError(f"the LoRA kernel mode must be auto, cpp, triton or torch, not {mode!r}")
+    kind = torch.device(device).type
+    if mode == "torch":
+        return None
+    if mode == "triton" or (mode == "auto" and kind == "cuda"):
+        return _triton_kernel(kind, required=mode == "triton")
+    if kind != "cpu":
+        if mode == "cpp":
+            raise ValueError(f"the C++ LoRA kernel runs on the CPU only, not on {kind}")
         return None
     module = lora_cpu_kernel.load()
     if module is None:
         return None
-    return CpuKernel(module.lora_apply_cpu,
-                     KERNEL_MAX_TOKENS if mode == "auto" else float("inf"))
+
+    def run(y, x, A, B, scale, rank, plan) -> bool:
+        return module.lora_apply_cpu(y, x, A, B, scale, rank, plan.entries, plan.tokens)
+
+    return LoraKernel("cpp", run, KERNEL_MAX_TOKENS if mode == "auto" else float("inf"))
+
+
+def _triton_kernel(kind: str, *, required: bool) -> LoraKernel | None:
+    """The Triton kernels, compiled for CUDA or interpreted for CPU tensors; None (with a
+    warning) when Triton is missing and `required` is not set."""
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"the Triton LoRA kernels run on CUDA (or interpreted on the CPU), "
+                         f"not on {kind}")
+    interpret = kind == "cpu"
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    elif (os.environ.get("TRITON_INTERPRET", "0") == "1") != interpret:
+        # Triton builds its own jit functions, interpreted or compiled, when first imported.
+        raise ValueError(f"Triton was imported for {'CPU' if not interpret else 'CUDA'} tensors "
+                         f"before the LoRA kernels were chosen: for the Triton kernels on the "
+                         f"CPU, start with TRITON_INTERPRET=1 (one process serves one kind of "
+                         f"device)")
+    try:
+        from server.lora import triton_kernel
+    except ImportError as exc:
+        if required:
+            raise ValueError(f"--lora-kernel triton needs Triton ({exc})") from exc
+        log.warning("Triton is not installed (%s): the LoRA op runs in PyTorch", exc)
+        return None
+
+    def run(y, x, A, B, scale, rank, plan) -> bool:
+        return triton_kernel.lora_apply_triton(y, x, A, B, scale, rank, plan.entries,
+                                               plan.tokens, plan.max_entry_tokens)
+
+    return LoraKernel("triton", run, float("inf"))
 
 _NO_RANK = torch.empty(0, dtype=torch.int32)
 
@@ -134,16 +186,17 @@ class _Batch:
 
 @dataclass(frozen=True)
 class _KernelPlan:
-    """The C++ kernel's share of a step: entry e is slot entries[e, 0] for the tokens
+    """A kernel's share of a step: entry e is slot entries[e, 0] for the tokens
     tokens[entries[e, 1]:entries[e, 2]]; the slots too big for it stay PyTorch `segments`.
 
-    `run(y, x, A, B, scale, rank, entries, tokens)` is the kernel; it returns False, doing
-    nothing, when the call is not its kind (not CPU, x or y not fp32, tables not fp32/bf16).
+    `run(y, x, A, B, scale, rank, plan)` is the kernel; it returns False, doing nothing, when
+    the call is not its kind.
     """
 
     run: Callable[..., bool]
     entries: torch.Tensor  # [E, 3] int32 (slot, begin, end)
     tokens: torch.Tensor  # [N] int32 token indices, grouped by slot
+    max_entry_tokens: int  # the most tokens of one entry
     segments: tuple[_Segment, ...]
 
 
@@ -165,7 +218,7 @@ class SlotMapping:
     present: frozenset[int] = frozenset()  # the slots (>= 0) this step uses
 
     @staticmethod
-    def build(slot: torch.Tensor, kernel: CpuKernel | None = None) -> "SlotMapping":
+    def build(slot: torch.Tensor, kernel: LoraKernel | None = None) -> "SlotMapping":
         """slot: [T] int, -1 = base model only; kernel: from `select_kernel`, None = PyTorch."""
         slot = slot.reshape(-1).long()
         slots = slot.tolist()
@@ -178,7 +231,7 @@ class SlotMapping:
         segments = tuple(_segment(s, rows, slot.device) for s, rows in sorted(heavy.items()))
         batch = _batch(light, len(slots), slot.device) if light else None
         plan = None
-        if groups and kernel is not None and slot.device.type == "cpu":
+        if groups and kernel is not None:
             plan = _kernel_plan(kernel, groups, slot.device)
         return SlotMapping(len(slots), bool(groups), segments, batch, plan, slot + 1,
                            frozenset(groups))
@@ -190,7 +243,7 @@ def _segment(s: int, rows: list[int], device: torch.device) -> _Segment:
     return _Segment(s, rows[0], rows[-1] + 1, torch.tensor(rows, device=device))
 
 
-def _kernel_plan(kernel: CpuKernel, groups: dict[int, list[int]],
+def _kernel_plan(kernel: LoraKernel, groups: dict[int, list[int]],
                  device: torch.device) -> _KernelPlan:
     entries, tokens, segments = [], [], []
     for s, rows in sorted(groups.items()):
@@ -199,8 +252,11 @@ def _kernel_plan(kernel: CpuKernel, groups: dict[int, list[int]],
             tokens += rows
         else:
             segments.append(_segment(s, rows, device))
-    return _KernelPlan(kernel.run, torch.tensor(entries, dtype=torch.int32).view(-1, 3),
-                       torch.tensor(tokens, dtype=torch.int32), tuple(segments))
+    longest = max((end - begin for _, begin, end in entries), default=0)
+    return _KernelPlan(kernel.run,
+                       torch.tensor(entries, dtype=torch.int32, device=device).view(-1, 3),
+                       torch.tensor(tokens, dtype=torch.int32, device=device), longest,
+                       tuple(segments))
 
 
 def _batch(light: dict[int, list[int]], num_tokens: int, device: torch.device) -> _Batch:
@@ -244,7 +300,7 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, mapping: SlotMapping, A: torch.
         x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # [T, in], [T, out]
     plan = mapping.kernel
     if plan is not None and plan.run(y, x, A, B, scale, _NO_RANK if rank is None else rank,
-                                     plan.entries, plan.tokens):
+                                     plan):
         for seg in plan.segments:
             _apply_segment(y, x, seg, A, B, scale)
         return
