@@ -19,6 +19,7 @@ from server.errors import ConfigError
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LORA_KERNEL_CHOICES = ("auto", "cpp", "triton", "torch")
+ATTENTION_KERNEL_CHOICES = ("auto", "triton", "torch")
 QUANT_KERNEL_CHOICES = ("auto", "bitsandbytes")
 PREPACK_CHOICES = ("auto", "all", "off")
 ADMISSION_CHOICES = ("fair", "fcfs")
@@ -127,6 +128,14 @@ class EngineConfig:
                           "only); triton = the Triton kernels (on the CPU in Triton's "
                           "interpreter: slow, for tests); torch = PyTorch only.",
                   "choices": LORA_KERNEL_CHOICES})
+    attention_kernel: str = field(
+        default="auto",
+        metadata={"help": "Decode attention over the paged KV cache: auto = by the device: on "
+                          "CUDA a Triton kernel that reads the cache through the block tables, "
+                          "on the CPU grouped matmuls over the gathered contexts; triton = the "
+                          "kernel (on the CPU in Triton's interpreter: slow, for tests); torch "
+                          "= the matmuls.",
+                  "choices": ATTENTION_KERNEL_CHOICES})
 
     def validate(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
@@ -139,6 +148,9 @@ class EngineConfig:
         if self.lora_kernel not in LORA_KERNEL_CHOICES:
             raise ConfigError(f"--lora-kernel must be one of {LORA_KERNEL_CHOICES}, "
                               f"not {self.lora_kernel!r}")
+        if self.attention_kernel not in ATTENTION_KERNEL_CHOICES:
+            raise ConfigError(f"--attention-kernel must be one of {ATTENTION_KERNEL_CHOICES}, "
+                              f"not {self.attention_kernel!r}")
         for name in ("max_slots", "max_rank", "max_batch_size", "max_step_tokens",
                      "kv_block_size", "max_queue"):
             if getattr(self, name) < 1:

@@ -65,7 +65,7 @@ BASES = {"fp32": ("untied", "none", "float32"), "nf4": ("untied", "nf4", "float3
          "int8": ("untied", "int8", "float32"), "bf16-tables": ("untied", "none", "bfloat16"),
          "fp32-cuda-kernels": ("untied", "none", "float32")}
 """base id -> (embeddings, quantization, slot-table dtype)."""
-CUDA_KERNELS = dict(lora_kernel="triton")
+CUDA_KERNELS = dict(lora_kernel="triton", attention_kernel="triton")
 """The kernels a CUDA device gets, run here in Triton's interpreter on CPU tensors."""
 
 

@@ -2,7 +2,8 @@
 
 For each, a tiny random model saved by transformers is served by the engine with a PEFT LoRA
 adapter and a PEFT DoRA adapter (DoRA scales the base output without its bias, which Qwen2's
-q/k/v have); logits match transformers + PEFT on the same weights, base and adapters mixed.
+q/k/v have); logits match transformers + PEFT on the same weights, base and adapters mixed,
+with the CPU's kernels and with those a CUDA device gets (run by Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 from server.tools.demo import write_lora_adapter, write_tokenizer
 from tests.conftest import write_dora_adapter
 from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
+from tests.test_engine_equivalence import CUDA_KERNELS
 
 ADAPTERS = ("lora", "dora")
 
@@ -65,9 +67,11 @@ def _peft_logits(root, adapter, prompt):
     return ids[len(prompt):], rows
 
 
-def test_engine_matches_transformers_and_peft(family):
+@pytest.mark.parametrize("kernels", [{}, CUDA_KERNELS], ids=["cpu-kernels", "cuda-kernels"])
+def test_engine_matches_transformers_and_peft(family, kernels):
     model_type, root = family
-    core = make_core(root / "model", {a: root / a for a in ADAPTERS}, max_slots=2, max_rank=16)
+    core = make_core(root / "model", {a: root / a for a in ADAPTERS}, max_slots=2, max_rank=16,
+                     kv_block_size=4, **kernels)
     assert core.model.spec.model_type == model_type
     logits = record_logits(core)
     cases = [(adapter, i) for adapter in (None, *ADAPTERS) for i in range(len(PROMPTS))]

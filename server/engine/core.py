@@ -40,7 +40,7 @@ from server.errors import ConfigError, InvalidRequest, Overloaded
 from server.lora.layer import LoraContext, wrap_lora_targets
 from server.lora.op import select_kernel
 from server.model.loading import DTYPES, LoadedModel
-from server.model.step import ModelRunner, SeqChunk, build_step_inputs
+from server.model.step import ModelRunner, SeqChunk, build_step_inputs, select_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class EngineCore:
             waiting=make_waiting_queue(config.admission, config.weights()),
             max_running_per_adapter=config.max_running_per_adapter,
             max_slot_write_bytes_per_step=int(config.max_slot_write_mb_per_step * 2**20))
-        self.runner = ModelRunner(model.hf, self.kv, self.lora)
+        self.runner = ModelRunner(model.hf, self.kv, self.lora,
+                                  select_decode_attention(config.attention_kernel, model.device))
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()

@@ -44,17 +44,13 @@ one warning is logged and PyTorch serves every call.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from server.lora import cpu_kernel as lora_cpu_kernel
-
-log = logging.getLogger(__name__)
+from server.triton_support import load_kernels
 
 HEAVY_TOKENS = 32
 """A slot with at least this many tokens gets its own two matmuls; fewer, it joins the padded
@@ -107,31 +103,17 @@ def select_kernel(mode: str, device: torch.device | str) -> LoraKernel | None:
 def _triton_kernel(kind: str, *, required: bool) -> LoraKernel | None:
     """The Triton kernels, compiled for CUDA or interpreted for CPU tensors; None (with a
     warning) when Triton is missing and `required` is not set."""
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"the Triton LoRA kernels run on CUDA (or interpreted on the CPU), "
-                         f"not on {kind}")
-    interpret = kind == "cpu"
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    elif (os.environ.get("TRITON_INTERPRET", "0") == "1") != interpret:
-        # Triton builds its own jit functions, interpreted or compiled, when first imported.
-        raise ValueError(f"Triton was imported for {'CPU' if not interpret else 'CUDA'} tensors "
-                         f"before the LoRA kernels were chosen: for the Triton kernels on the "
-                         f"CPU, start with TRITON_INTERPRET=1 (one process serves one kind of "
-                         f"device)")
-    try:
-        from server.lora import triton_kernel
-    except ImportError as exc:
-        if required:
-            raise ValueError(f"--lora-kernel triton needs Triton ({exc})") from exc
-        log.warning("Triton is not installed (%s): the LoRA op runs in PyTorch", exc)
+    kernels = load_kernels("server.lora.triton_kernel", kind, required=required,
+                           what="LoRA kernels")
+    if kernels is None:
         return None
 
     def run(y, x, A, B, scale, rank, plan) -> bool:
-        return triton_kernel.lora_apply_triton(y, x, A, B, scale, rank, plan.entries,
-                                               plan.tokens, plan.max_entry_tokens)
+        return kernels.lora_apply_triton(y, x, A, B, scale, rank, plan.entries, plan.tokens,
+                                         plan.max_entry_tokens)
 
     return LoraKernel("triton", run, float("inf"))
+
 
 _NO_RANK = torch.empty(0, dtype=torch.int32)
 

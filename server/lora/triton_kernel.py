@@ -14,22 +14,20 @@ reads only the first rank[s] rows of A[s] and B[s] (the rows past a slot's rank 
 Tokens of slot -1 are in no entry: they get the base output only. x is cast to the tables'
 dtype for the products (as the PyTorch path does), which accumulate in fp32.
 
-Whether the kernels are compiled or interpreted is Triton's choice at import time
-(`TRITON_INTERPRET=1` interprets): `server.lora.op.select_kernel` sets it for CPU devices
-before it imports this module, so one process serves one kind of device.
+Whether the kernels are compiled or interpreted is Triton's choice at import time: import this
+module through `server.triton_support.load_kernels` (as `server.lora.op.select_kernel` does).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-"""True when this module's kernels run in Triton's interpreter (on CPU tensors): Triton reads
-the same variable when `triton.jit` decorates them, below."""
+from server.triton_support import interpreting
+
+INTERPRETED = interpreting()
+"""True when this module's kernels run in Triton's interpreter (on CPU tensors)."""
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_DOT = 16

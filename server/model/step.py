@@ -3,19 +3,41 @@
 The T tokens of a step are packed into one row dimension: x: [T, hidden]. The HF modules
 (embeddings, norms, MLPs, the wrapped q/k/v/o Linears) run on [T, ...] as they are; attention is
 ours, because it reads keys and values from the paged KV cache. Sequences with one new token
-(decode) and sequences with several (prefill chunks) form two attention groups, each one batched
-`scaled_dot_product_attention` call per layer.
+(decode) and sequences with several (prefill chunks) form two attention groups. The prefill group
+is one batched `scaled_dot_product_attention` call per layer over the gathered contexts; the
+decode group is either the same math as two grouped matmuls (`decode_attention`, the CPU's), or
+a Triton kernel that reads the cache through the block tables without gathering
+(`server/model/triton_attention.py`, CUDA's). `select_decode_attention` chooses once, by device
+(`--attention-kernel`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from server.config import ATTENTION_KERNEL_CHOICES
 from server.engine.kv_cache import KVCache
 from server.lora.layer import LoraContext
+from server.triton_support import load_kernels
+
+
+def select_decode_attention(mode: str, device: torch.device | str) -> Callable | None:
+    """The paged decode-attention kernel for `mode` on `device`: `auto` = Triton on CUDA, none on
+    the CPU; `triton` = Triton anywhere (on a CPU device interpreted: slow, for tests); `torch`
+    = none. None: the decode group gathers its contexts and runs `decode_attention`."""
+    if mode not in ATTENTION_KERNEL_CHOICES:
+        raise ValueError(f"the attention kernel must be one of {ATTENTION_KERNEL_CHOICES}, "
+                         f"not {mode!r}")
+    kind = torch.device(device).type
+    if mode == "torch" or (mode == "auto" and kind != "cuda"):
+        return None
+    kernels = load_kernels("server.model.triton_attention", kind, required=mode == "triton",
+                           what="attention kernels")
+    return None if kernels is None else kernels.paged_decode_attention
 
 
 @dataclass
@@ -39,6 +61,7 @@ class AttentionGroup:
     masks: dict  # window (None = full) -> [B, 1, Q, n * block_size] bool, True = may attend
     out_index: torch.Tensor  # [N] packed rows receiving the valid outputs
     rows: slice | None  # the same rows as a slice, when they are contiguous and unpadded
+    context_lens: torch.Tensor  # [B] int32, each sequence's last query position + 1
 
 
 @dataclass
@@ -82,7 +105,7 @@ def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, wi
                      device: torch.device) -> AttentionGroup:
     q_len = max(len(c.token_ids) for c in chunks)
     num_blocks = max(kv.blocks_needed(c.start + len(c.token_ids)) for c in chunks)
-    token_index, query_pos, valid, tables = [], [], [], []
+    token_index, query_pos, valid, tables, lengths = [], [], [], [], []
     for chunk, offset in zip(chunks, offsets):
         n, pad = len(chunk.token_ids), q_len - len(chunk.token_ids)
         token_index.append(list(range(offset, offset + n)) + [0] * pad)
@@ -90,6 +113,7 @@ def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, wi
         valid.append([True] * n + [False] * pad)
         used = chunk.block_table[:kv.blocks_needed(chunk.start + n)]
         tables.append(used + [0] * (num_blocks - len(used)))
+        lengths.append(chunk.start + n)
     query_pos = torch.tensor(query_pos)  # [B, Q]
     key_pos = torch.arange(num_blocks * kv.block_size)  # [L]
     # A query at position p sees keys at positions <= p (causal); this also hides the padding
@@ -109,16 +133,20 @@ def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, wi
         token_index=as_long(token_index),
         valid=torch.tensor(valid, device=device) if padded else None,
         block_tables=as_long(tables), masks=masks, out_index=as_long(flat),
-        rows=slice(flat[0], flat[0] + len(flat)) if contiguous else None)
+        rows=slice(flat[0], flat[0] + len(flat)) if contiguous else None,
+        context_lens=torch.tensor(lengths, dtype=torch.int32, device=device))
 
 
 class ModelRunner:
     """Runs packed steps of a HF Llama-family model whose target Linears are LoRA-wrapped."""
 
-    def __init__(self, hf: torch.nn.Module, kv: KVCache, lora: LoraContext):
+    def __init__(self, hf: torch.nn.Module, kv: KVCache, lora: LoraContext,
+                 paged_decode: Callable | None = None):
+        """paged_decode: from `select_decode_attention`; None = gather, then `decode_attention`."""
         self.hf = hf
         self.kv = kv
         self.lora = lora
+        self.paged_decode = paged_decode
         cfg = hf.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -159,15 +187,21 @@ class ModelRunner:
                 qg = q[group.rows].view(B, Q, self.num_heads, self.head_dim)
             else:
                 qg = q[group.token_index]  # [B, Q, heads, D]
-            kg, vg = self.kv.read(index, group.block_tables)  # [B, kv_heads, L, D]
-            if Q == 1:
-                og = decode_attention(qg.transpose(1, 2), kg, vg, group.masks[window],
-                                      attn.scaling)
+            if Q == 1 and self.paged_decode is not None:  # straight from the paged cache
+                og = self.paged_decode(qg.reshape(B, self.num_heads, self.head_dim),
+                                       self.kv.k[index], self.kv.v[index], group.block_tables,
+                                       group.context_lens, self.kv.block_size, attn.scaling,
+                                       window)[:, None]  # [B, 1, heads, D]
             else:
-                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.to(q.dtype),
-                                                    vg.to(q.dtype), attn_mask=group.masks[window],
-                                                    scale=attn.scaling, enable_gqa=True)
-            og = og.transpose(1, 2)  # [B, Q, heads, D]
+                kg, vg = self.kv.read(index, group.block_tables)  # [B, kv_heads, L, D]
+                if Q == 1:
+                    og = decode_attention(qg.transpose(1, 2), kg, vg, group.masks[window],
+                                          attn.scaling)
+                else:
+                    og = F.scaled_dot_product_attention(
+                        qg.transpose(1, 2), kg.to(q.dtype), vg.to(q.dtype),
+                        attn_mask=group.masks[window], scale=attn.scaling, enable_gqa=True)
+                og = og.transpose(1, 2)  # [B, Q, heads, D]
             og = og.reshape(B * Q, self.num_heads, self.head_dim) if group.valid is None else og[group.valid]
             if out is None:  # one group holds every row of the step, in order
                 out = og
