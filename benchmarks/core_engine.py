@@ -151,24 +151,27 @@ def make_prompts() -> torch.Tensor:
 # ---- the four configs ---------------------------------------------------------------------
 
 
-def load_hf(model_dir: Path):
+def load_hf(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The benchmark model as transformers serves it: NF4 (bitsandbytes), `dtype` compute."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_compute_dtype=torch.float32)
+                               bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant,
-                                                 dtype=torch.float32, device_map={"": "cpu"})
+                                                 dtype=dtype, device_map={"": device})
     # EOS ignored like loraplex's ignore_eos: not just forbidden (min_new_tokens masks it out of
     # the logits, which would change greedy tokens wherever EOS is the argmax).
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
-def load_peft(model_dir: Path, adapters: dict[str, Path]):
+def load_peft(model_dir: Path, adapters: dict[str, Path], device: str = "cpu",
+              dtype: torch.dtype = torch.float32):
     from peft import PeftModel
 
     names = list(adapters)
-    model = PeftModel.from_pretrained(load_hf(model_dir), adapters[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(load_hf(model_dir, device, dtype), adapters[names[0]],
+                                      adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     return model.eval()
