@@ -20,6 +20,12 @@ class LoraModuleWeights:
         magnitude = self.magnitude.nbytes if self.magnitude is not None else 0
         return self.a.nbytes + self.b.nbytes + magnitude
 
+    def pin(self) -> None:
+        """Moves the tensors into page-locked host memory (same values, same bytes)."""
+        self.a, self.b = self.a.pin_memory(), self.b.pin_memory()
+        if self.magnitude is not None:
+            self.magnitude = self.magnitude.pin_memory()
+
 
 @dataclass
 class LoraWeights:
@@ -33,7 +39,19 @@ class LoraWeights:
     embed_tokens: LoraModuleWeights | None = None
     lm_head: LoraModuleWeights | None = None
 
+    pinned: bool = False  # the tensors are in page-locked memory (`pin`)
+
     @property
     def nbytes(self) -> int:
         vocab = [m for m in (self.embed_tokens, self.lm_head) if m is not None]
         return sum(m.nbytes for m in [*self.modules.values(), *vocab])
+
+    def pin(self) -> None:
+        """Moves every tensor into page-locked host memory, once: copies from there to a GPU
+        run asynchronously. Only for a process with a GPU (pinning needs CUDA)."""
+        if self.pinned:
+            return
+        vocab = [m for m in (self.embed_tokens, self.lm_head) if m is not None]
+        for module in [*self.modules.values(), *vocab]:
+            module.pin()
+        self.pinned = True

@@ -285,7 +285,30 @@ def run_benchmark(root: Path, profile: Profile):
             log(f"(b) round {round_index + 1}/{profile.rounds} ({key}) {runs[key][-1]:.1f} tok/s")
     log("(b) profile of one loraplex run with adapters")
     table = profile_run(configs["d"][1], profile)
-    return {key: label for key, (label, _) in configs.items()}, runs, table
+    syncs = count_syncs(core, prompts, per_sequence, profile)
+    return {key: label for key, (label, _) in configs.items()}, runs, table, syncs
+
+
+def count_syncs(core, prompts: torch.Tensor, adapters: list[str], profile: Profile) -> str:
+    """Device-to-host synchronisations per engine step, as CUDA's sync debug mode reports them
+    (the design allows one: the sampled tokens)."""
+    if profile.device != "cuda":
+        return "not measured (no CUDA device)"
+    import warnings
+
+    steps_before = core.steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            generate_loraplex(core, prompts, profile.new_tokens, adapters)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    steps = core.steps - steps_before
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = sorted({f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in syncs})
+    return (f"{len(syncs) / max(steps, 1):.2f} per step over {steps} steps "
+            f"(at {', '.join(where) or 'nowhere'})")
 
 
 def profile_run(generate, profile: Profile) -> str:
@@ -323,7 +346,8 @@ def machine(profile: Profile) -> list[str]:
             f"- code: git {commit}", f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"]
 
 
-def report(profile: Profile, dry_run: bool, cases: list[CaseResult], labels, runs, table) -> str:
+def report(profile: Profile, dry_run: bool, cases: list[CaseResult], labels, runs, table,
+           syncs: str) -> str:
     failed = [c for c in cases if c.problem]
     lines = ["# The CUDA path on a GPU", "",
              "Command: `./dev gpu-check" + (" --dry-run`" if dry_run else "`"), ""]
@@ -364,7 +388,8 @@ def report(profile: Profile, dry_run: bool, cases: list[CaseResult], labels, run
         value = medians[key] / medians[ref]
         lines.append(f"- {what}: ({key}) / ({ref}) = **{value:.2f}**, target >= {target}: "
                      f"**{'PASS' if value >= target else 'MISS'}**")
-    lines += ["", "## Profile: one loraplex run with adapters", "", "```", table.rstrip(), "```",
+    lines += ["", f"Device-to-host synchronisations of the engine, CUDA's sync debug mode: {syncs}.",
+              "", "## Profile: one loraplex run with adapters", "", "```", table.rstrip(), "```",
               ""]
     return "\n".join(lines)
 
@@ -389,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                        if args.dry_run else REPORT)
     with tempfile.TemporaryDirectory(prefix="loraplex-gpu-check-") as tmp:
         cases = check_equivalence(Path(tmp), profile)
-        labels, runs, table = run_benchmark(Path(tmp), profile)
+        labels, runs, table, syncs = run_benchmark(Path(tmp), profile)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(profile, args.dry_run, cases, labels, runs, table))
+    out.write_text(report(profile, args.dry_run, cases, labels, runs, table, syncs))
     failed = [c for c in cases if c.problem]
     log(f"report written to {out}; equivalence {'FAILED' if failed else 'passed'}")
     return 1 if failed else 0

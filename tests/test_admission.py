@@ -38,7 +38,7 @@ def _seq(name: str | None, label: str, nbytes: int = 1000) -> Sequence:
     lease = (None if name is None
              else AdapterLease(AdapterKey(name, 1, name), weights=_Weights(nbytes)))
     return Sequence(request_id=label, prompt_ids=list(PROMPT), params=SamplingParams(),
-                    adapter=lease, generator=None)
+                    adapter=lease, seed=None)
 
 
 class Driver:

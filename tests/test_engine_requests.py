@@ -9,7 +9,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from adapters_registry.peft_format import read_adapter_files
 from adapters_registry.store import UnknownAdapterError
 from server.engine.core import GenerationRequest
-from server.engine.sampler import SampleRow, SamplingParams, make_generator, sample
+from server.engine.sampler import SampleRow, SamplingParams, sample, uniform
 from server.errors import InvalidRequest
 from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
 
@@ -80,22 +80,39 @@ def test_logprobs_are_the_model_distribution_of_the_chosen_tokens(core):
 def test_repetition_penalty_matches_transformers():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
-    seen = [torch.tensor([1, 2, 3, 3]), torch.tensor([0, 49]), torch.tensor([7])]
-    rows = [SampleRow(SamplingParams(repetition_penalty=1.3), None, s) for s in seen]
+    seen = [[1, 2, 3, 3], [0, 49], [7]]
+    rows = [SampleRow(SamplingParams(repetition_penalty=1.3), None, len(s), s) for s in seen]
     tokens, _ = sample(logits, rows)
     for i, s in enumerate(seen):
-        want = RepetitionPenaltyLogitsProcessor(1.3)(s[None], logits[i:i + 1].clone())
+        want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([s]), logits[i:i + 1].clone())
         assert tokens[i] == int(want.argmax())
 
 
 def test_top_k_and_top_p_restrict_the_candidates():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
     def draws(**params):
-        row = SampleRow(SamplingParams(temperature=5.0, **params), make_generator(0), None)
-        return {sample(logits, [row])[0][0] for _ in range(300)}
+        rows = [SampleRow(SamplingParams(temperature=5.0, **params), 0, position, None)
+                for position in range(300)]
+        return set(sample(logits.expand(300, -1), rows)[0])
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=1e-6) == {0}
     assert draws() == set(range(6))
+
+
+def test_draws_follow_the_distribution_and_depend_on_seed_and_position_only():
+    """The counter-based draws: frequencies match the softmax (6000 positions), the same
+    (seed, position) gives the same token alone or among other rows, and seeds differ."""
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -2.0])
+    want = torch.softmax(logits, -1)
+    rows = [SampleRow(SamplingParams(temperature=1.0), 7, position, None)
+            for position in range(6000)]
+    tokens, _ = sample(logits.expand(6000, -1).clone(), rows)
+    freq = torch.bincount(torch.tensor(tokens), minlength=5) / 6000
+    assert (freq - want).abs().max() < 0.025, (freq, want)
+    alone, _ = sample(logits[None].clone(), [rows[123]])
+    assert alone == [tokens[123]]
+    assert uniform(7, 123) != uniform(8, 123) and uniform(7, 123) != uniform(7, 124)
+    assert all(0 < uniform(seed, p) < 1 for seed in (0, 2**63 - 1) for p in (0, 10**6))
 
 
 def test_cancel_frees_blocks_and_slot_at_once(core):

@@ -33,7 +33,7 @@ from server.engine.adapter_slots import AdapterSlots
 from server.engine.admission import BASE_TENANT, make_waiting_queue
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
-from server.engine.sampler import SampleRow, SamplingParams, make_generator, sample
+from server.engine.sampler import SampleRow, SamplingParams, sample
 from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.engine.stats import EngineStats
 from server.errors import ConfigError, InvalidRequest, Overloaded
@@ -125,6 +125,8 @@ class EngineCore:
             max_slot_write_bytes_per_step=int(config.max_slot_write_mb_per_step * 2**20))
         self.runner = ModelRunner(model.hf, self.kv, self.lora,
                                   select_decode_attention(config.attention_kernel, model.device))
+        # CUDA: adapter slot writes from pinned host memory on their own stream (_write_slot)
+        self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         self.eos_ids = _eos_token_ids(model)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
@@ -192,12 +194,11 @@ class EngineCore:
         self._check_queue(prepared.adapter_id or BASE_TENANT)
         self._check_adapter(prepared.adapter_id, adapter)
         params = prepared.params
-        generator = None
+        seed = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
-            generator = make_generator(seed)
         seq = Sequence(request_id=request_id, prompt_ids=prepared.prompt_ids, params=params,
-                       adapter=adapter, generator=generator)
+                       adapter=adapter, seed=seed)
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
         return request_id
@@ -290,8 +291,9 @@ class EngineCore:
         self._write_new_slots(scheduled)
         chunks = [_chunk(c) for c in scheduled]
         inputs = build_step_inputs(chunks, self.kv, self.runner.windows, self.model.device)
-        # [N, vocab], N = chunks that need logits; sampled on the CPU with per-sequence generators
-        logits = self.runner.forward(inputs).cpu()
+        # [N, vocab] on the model's device, N = chunks that need logits; sampled there, and
+        # only the tokens (with their logprobs) come back to the host
+        logits = self.runner.forward(inputs)
         sampling = []
         for c, chunk in zip(scheduled, chunks):
             c.seq.num_computed += c.num_tokens
@@ -319,12 +321,23 @@ class EngineCore:
                 continue
             start = time.perf_counter()
             try:
-                self.layers.write(c.seq.slot, c.seq.adapter.weights)
+                self._write_slot(c.seq.slot, c.seq.adapter.weights)
             except BaseException:
                 self.slots.retire(c.seq.adapter.key)  # half written: never hand it out again
                 raise
             if self.slot_write_observer is not None:
                 self.slot_write_observer(time.perf_counter() - start)
+
+    def _write_slot(self, slot: int, weights) -> None:
+        """On CUDA, from pinned host memory on a side stream: the host never waits for the copy,
+        and the step's kernels, queued after it, wait on the device. On the CPU, in place."""
+        if self._copy_stream is None:
+            self.layers.write(slot, weights)
+            return
+        weights.pin()
+        with torch.cuda.stream(self._copy_stream):
+            self.layers.write(slot, weights)
+        torch.cuda.current_stream().wait_stream(self._copy_stream)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         live = self._live[seq.request_id]
@@ -397,10 +410,8 @@ def _chunk(c: ScheduledChunk) -> SeqChunk:
 
 
 def _sample_row(seq: Sequence) -> SampleRow:
-    seen = None
-    if seq.params.repetition_penalty != 1.0:
-        seen = torch.tensor(seq.tokens, dtype=torch.long)
-    return SampleRow(params=seq.params, generator=seq.generator, seen_tokens=seen)
+    seen = seq.tokens if seq.params.repetition_penalty != 1.0 else None
+    return SampleRow(params=seq.params, seed=seq.seed, position=seq.num_tokens, seen_tokens=seen)
 
 
 def _make_kv_cache(model: LoadedModel, config: EngineConfig) -> KVCache:

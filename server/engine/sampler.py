@@ -1,7 +1,11 @@
-"""Per-sequence sampling: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+"""Per-sequence sampling on the logits' device: greedy, temperature, top-k, top-p, repetition
+penalty, seeds, and one device-to-host copy per step (the tokens, with their log-probabilities).
 
-Each sampled sequence draws from its own seeded `torch.Generator`, so a sequence's tokens
-depend only on its own logits and seed, never on what else shares the batch.
+A sampled row draws by inverting its distribution's CDF at one uniform number that a
+counter-based generator makes from the sequence's seed and the position of the token
+(`uniform(seed, position)`, a SplitMix64 hash, computed on the host): a sequence's tokens depend
+only on its own logits, seed and positions, never on what else shares the batch or on how many
+draws came before, and no device generator state exists to synchronise.
 """
 
 from __future__ import annotations
@@ -71,28 +75,46 @@ class SampleRow:
     """What the sampler needs of one sequence."""
 
     params: SamplingParams
-    generator: torch.Generator | None  # None for greedy rows
-    seen_tokens: torch.Tensor | None  # [n] prompt + generated ids, for the repetition penalty
+    seed: int | None  # the sequence's seed; None for greedy rows
+    position: int  # the position of the token being sampled: the sequence's length so far
+    seen_tokens: list[int] | None  # prompt + generated ids, for the repetition penalty
+
+
+_MASK64 = 2**64 - 1
+
+
+def uniform(seed: int, position: int) -> float:
+    """A number in (0, 1), a function of (seed, position) alone: SplitMix64's finalizer over the
+    seed's stream at that position, 53 bits of it, centred in its interval."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return ((z >> 11) + 0.5) / 2**53
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float | None]]:
-    """logits: [N, vocab] fp32, one row per sequence -> (token ids, logprobs or None)."""
+    """logits: [N, vocab] fp32 on any device, one row per sequence -> (token ids, logprobs or
+    None), read back with one device-to-host copy."""
     logits = _apply_repetition_penalty(logits, rows)
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
+    tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep these
     for i, row in enumerate(rows):
         if not row.params.greedy:
             tokens[i] = _sample_row(logits[i], row)
-    logprobs: list[float | None] = [None] * len(rows)
+    packed = torch.zeros(len(rows), 2, dtype=torch.float64, device=logits.device)  # id, logprob
+    packed[:, 0] = tokens  # token ids are exact in fp64
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs]
     if wanted:
         # Log-probabilities of the model's distribution (after the repetition penalty, before
         # temperature, top-k and top-p), as OpenAI-style APIs report them.
-        picked = torch.log_softmax(logits[wanted], dim=-1)
-        chosen = torch.tensor([tokens[i] for i in wanted])
-        values = picked.gather(1, chosen[:, None])[:, 0].tolist()
-        for i, value in zip(wanted, values):
-            logprobs[i] = value
-    return tokens, logprobs
+        index = torch.tensor(wanted, device=logits.device)
+        picked = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        packed[index, 1] = picked.gather(1, tokens.index_select(0, index)[:, None])[:, 0].double()
+    host = packed.cpu().tolist()  # the step's one copy
+    logprobs: list[float | None] = [None] * len(rows)
+    for i in wanted:
+        logprobs[i] = host[i][1]
+    return [int(token) for token, _ in host], logprobs
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -101,15 +123,17 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRow]) -> to
         return logits
     logits = logits.clone()
     for i in penalized:
-        seen = rows[i].seen_tokens
+        seen = torch.tensor(rows[i].seen_tokens, dtype=torch.long).to(logits.device,
+                                                                       non_blocking=True)
         penalty = rows[i].params.repetition_penalty
         values = logits[i, seen]
         logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
     return logits
 
 
-def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
-    """logits: [vocab] -> one token drawn with the row's own generator."""
+def _sample_row(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    """logits: [vocab] -> one token id (a 0-d tensor on the logits' device), the first whose
+    cumulative probability reaches the row's uniform number: no host synchronisation."""
     p = row.params
     scaled = logits / p.temperature
     if p.top_k > 0 and p.top_k < scaled.shape[-1]:
@@ -117,8 +141,10 @@ def _sample_row(logits: torch.Tensor, row: SampleRow) -> int:
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if p.top_p < 1.0:
         scaled = _top_p_filter(scaled, p.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)  # [vocab]
+    # u in (0, 1): the first index whose CDF reaches u * total has probability > 0
+    target = cdf[-1:] * uniform(row.seed, row.position)
+    return torch.searchsorted(cdf, target).clamp_(max=cdf.shape[0] - 1)[0]
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -129,8 +155,3 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
-
-def make_generator(seed: int) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator

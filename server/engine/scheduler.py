@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 
 from adapters_registry.host_cache import AdapterLease
 from server.engine.adapter_slots import AdapterSlots
@@ -43,7 +42,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterLease | None  # None = base model
-    generator: torch.Generator | None
+    seed: int | None  # the sampling seed of a non-greedy sequence (server/engine/sampler.py)
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING

@@ -29,10 +29,12 @@ class LoraContext:
         self.kernel = kernel
         self.set_step(torch.empty(0, dtype=torch.long))
 
-    def set_step(self, token_slots: torch.Tensor, logit_slots: torch.Tensor | None = None) -> None:
+    def set_step(self, token_slots: torch.Tensor, logit_slots: torch.Tensor | None = None,
+                 host_slots: list[int] | None = None) -> None:
         """token_slots: [T] adapter slot of each packed token, -1 = base model; logit_slots: [N]
-        the slots of the rows whose logits the step computes (lm_head's input), default none."""
-        self.mapping = SlotMapping.build(token_slots, self.kernel)
+        the slots of the rows whose logits the step computes (lm_head's input), default none;
+        host_slots: token_slots as a host list, when the caller has it (no device read)."""
+        self.mapping = SlotMapping.build(token_slots, self.kernel, host_slots)
         self.token_slots = token_slots
         self.logit_slots = token_slots[:0] if logit_slots is None else logit_slots
 
@@ -98,7 +100,7 @@ class MultiLoraLinear(nn.Module):
         """
         if magnitude is not None:
             g = self._dora_factor(a, b, scale, magnitude)
-            b = b.float() * g.unsqueeze(1)
+            b = b.to(g.device, non_blocking=True).float() * g.unsqueeze(1)
             if self.dora_g is None:
                 self.dora_g = torch.ones(self.lora_a.shape[0] + 1, self.out_features,
                                          dtype=torch.float32, device=self.lora_a.device)
@@ -107,8 +109,8 @@ class MultiLoraLinear(nn.Module):
         elif slot in self._dora_slots:
             self._clear_dora(slot)
         r, previous = a.shape[0], self._ranks[slot]
-        self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :r].t().copy_(b)  # into [r, out]; iterating in b's order is faster
+        self.lora_a[slot, :r].copy_(a, non_blocking=True)  # from pinned memory on CUDA
+        self.lora_b[slot, :r].t().copy_(b, non_blocking=True)  # into [r, out]: b's order is faster
         self._zero_rows(slot, r, previous)
         self.scale[slot] = scale
         self.lora_rank[slot] = r

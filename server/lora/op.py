@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 
+from server.host_to_device import upload
 from server.lora import cpu_kernel as lora_cpu_kernel
 from server.triton_support import load_kernels
 
@@ -200,10 +201,12 @@ class SlotMapping:
     present: frozenset[int] = frozenset()  # the slots (>= 0) this step uses
 
     @staticmethod
-    def build(slot: torch.Tensor, kernel: LoraKernel | None = None) -> "SlotMapping":
-        """slot: [T] int, -1 = base model only; kernel: from `select_kernel`, None = PyTorch."""
+    def build(slot: torch.Tensor, kernel: LoraKernel | None = None,
+              host: list[int] | None = None) -> "SlotMapping":
+        """slot: [T] int, -1 = base model only; kernel: from `select_kernel`, None = PyTorch;
+        host: the same slots as a host list, when the caller has them (no device read)."""
         slot = slot.reshape(-1).long()
-        slots = slot.tolist()
+        slots = slot.tolist() if host is None else host
         groups: dict[int, list[int]] = {}
         for t, s in enumerate(slots):
             if s >= 0:
@@ -222,7 +225,7 @@ class SlotMapping:
 def _segment(s: int, rows: list[int], device: torch.device) -> _Segment:
     if rows[-1] - rows[0] + 1 == len(rows):
         return _Segment(s, rows[0], rows[-1] + 1, None)
-    return _Segment(s, rows[0], rows[-1] + 1, torch.tensor(rows, device=device))
+    return _Segment(s, rows[0], rows[-1] + 1, upload(torch.tensor(rows), device))
 
 
 def _kernel_plan(kernel: LoraKernel, groups: dict[int, list[int]],
@@ -236,8 +239,8 @@ def _kernel_plan(kernel: LoraKernel, groups: dict[int, list[int]],
             segments.append(_segment(s, rows, device))
     longest = max((end - begin for _, begin, end in entries), default=0)
     return _KernelPlan(kernel.run,
-                       torch.tensor(entries, dtype=torch.int32, device=device).view(-1, 3),
-                       torch.tensor(tokens, dtype=torch.int32, device=device), longest,
+                       upload(torch.tensor(entries, dtype=torch.int32).view(-1, 3), device),
+                       upload(torch.tensor(tokens, dtype=torch.int32), device), longest,
                        tuple(segments))
 
 
@@ -252,10 +255,11 @@ def _batch(light: dict[int, list[int]], num_tokens: int, device: torch.device) -
         rows = light.get(s, [any_row])
         src += rows + [rows[0]] * (m - len(rows))
         real += [s in light] * len(rows) + [False] * (m - len(rows))
-    table_slots = None if span <= SPAN_SLACK * len(order) else torch.tensor(order, device=device)
+    table_slots = (None if span <= SPAN_SLACK * len(order)
+                   else upload(torch.tensor(order), device))
     mask = None
     if not all(real):
-        mask = torch.tensor(real, dtype=torch.float32, device=device).view(len(entries), m, 1)
+        mask = upload(torch.tensor(real, dtype=torch.float32).view(len(entries), m, 1), device)
     identity = mask is None and src == list(range(len(src)))
     inverse = None
     if sum(len(rows) for rows in light.values()) == num_tokens:
@@ -263,8 +267,8 @@ def _batch(light: dict[int, list[int]], num_tokens: int, device: torch.device) -
         for row, (t, is_real) in enumerate(zip(src, real)):
             if is_real:
                 row_of[t] = row
-        inverse = torch.tensor(row_of, device=device)
-    return _Batch(first, table_slots, len(entries), m, torch.tensor(src, device=device), mask,
+        inverse = upload(torch.tensor(row_of), device)
+    return _Batch(first, table_slots, len(entries), m, upload(torch.tensor(src), device), mask,
                   inverse, identity)
 
 

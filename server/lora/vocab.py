@@ -45,7 +45,8 @@ class _VocabLora(nn.Module):
         self._slots.pop(slot, None)
 
     def _store(self, slot: int, first: torch.Tensor, second: torch.Tensor, scale: float) -> None:
-        as_table = lambda t: t.to(device=self.device, dtype=self.dtype).contiguous()  # noqa: E731
+        as_table = lambda t: t.to(device=self.device, dtype=self.dtype,  # noqa: E731
+                                  non_blocking=True).contiguous()
         self._slots[slot] = _SlotLora(as_table(first), as_table(second), float(scale))
 
     def _rows_by_slot(self, slots: torch.Tensor):

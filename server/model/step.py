@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from server.config import ATTENTION_KERNEL_CHOICES
 from server.engine.kv_cache import KVCache
+from server.host_to_device import upload
 from server.lora.layer import LoraContext
 from server.triton_support import load_kernels
 
@@ -69,6 +70,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     token_slots: torch.Tensor  # [T] adapter slot of each token, -1 = base
+    token_slots_host: list[int]  # the same on the host: the LoRA mapping groups them there
     write_rows: torch.Tensor  # [T] KV-cache row receiving each token's key and value
     groups: list[AttentionGroup]
     logit_rows: torch.Tensor  # [N] packed rows whose next-token logits are returned
@@ -77,7 +79,8 @@ class StepInputs:
 
 def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
                       device: torch.device) -> StepInputs:
-    """Packs the chunks' tokens and precomputes every index and mask the layers share."""
+    """Packs the chunks' tokens and precomputes, once per step, every index and mask the layers
+    share (on the host, then copied to the device without blocking)."""
     ids, positions, slots, rows, logit_rows, logit_slots = [], [], [], [], [], []
     offsets = []
     for chunk in chunks:
@@ -95,9 +98,10 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
     groups = [_attention_group([chunks[i] for i in members], [offsets[i] for i in members],
                                kv, windows, device)
               for members in (decode, prefill) if members]
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    as_long = lambda values: upload(torch.tensor(values, dtype=torch.long), device)  # noqa: E731
     return StepInputs(input_ids=as_long(ids), positions=as_long(positions),
-                      token_slots=as_long(slots), write_rows=as_long(rows), groups=groups,
+                      token_slots=as_long(slots), token_slots_host=slots,
+                      write_rows=as_long(rows), groups=groups,
                       logit_rows=as_long(logit_rows), logit_slots=as_long(logit_slots))
 
 
@@ -124,17 +128,17 @@ def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, wi
         mask = causal
         if window is not None:
             mask = mask & (query_pos[:, :, None] - key_pos[None, None, :] < window)
-        masks[window] = mask[:, None].to(device)  # [B, 1, Q, L]
+        masks[window] = upload(mask[:, None], device)  # [B, 1, Q, L]
     flat = [t for row, ok in zip(token_index, valid) for t, v in zip(row, ok) if v]
     padded = not all(all(row) for row in valid)
     contiguous = not padded and flat == list(range(flat[0], flat[0] + len(flat)))
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    as_long = lambda values: upload(torch.tensor(values, dtype=torch.long), device)  # noqa: E731
     return AttentionGroup(
         token_index=as_long(token_index),
-        valid=torch.tensor(valid, device=device) if padded else None,
+        valid=upload(torch.tensor(valid), device) if padded else None,
         block_tables=as_long(tables), masks=masks, out_index=as_long(flat),
         rows=slice(flat[0], flat[0] + len(flat)) if contiguous else None,
-        context_lens=torch.tensor(lengths, dtype=torch.int32, device=device))
+        context_lens=upload(torch.tensor(lengths, dtype=torch.int32), device))
 
 
 class ModelRunner:
@@ -158,7 +162,7 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Runs one step; returns fp32 logits [N, vocab] of the rows in `inputs.logit_rows`."""
         model = self.hf.model
-        self.lora.set_step(inputs.token_slots, inputs.logit_slots)
+        self.lora.set_step(inputs.token_slots, inputs.logit_slots, inputs.token_slots_host)
         h = model.embed_tokens(inputs.input_ids)  # [T, hidden]
         cos, sin = model.rotary_emb(h, inputs.positions[None])  # [1, T, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
