@@ -22,21 +22,22 @@ from server.lora.vocab import MultiLoraEmbedding, MultiLoraLMHead
 
 
 class LoraContext:
-    """The per-step token -> slot mapping shared by every wrapped module."""
+    """The per-step token -> slot mapping shared by every wrapped module; the slots of the
+    step's tokens and logits rows also as host lists (token_slots, logit_slots)."""
 
     def __init__(self, kernel: LoraKernel | None = None):
         """kernel: the kernel chosen at engine start (`select_kernel`); None = PyTorch."""
         self.kernel = kernel
         self.set_step(torch.empty(0, dtype=torch.long))
 
-    def set_step(self, token_slots: torch.Tensor, logit_slots: torch.Tensor | None = None,
+    def set_step(self, token_slots: torch.Tensor, logit_slots: list[int] | None = None,
                  host_slots: list[int] | None = None) -> None:
-        """token_slots: [T] adapter slot of each packed token, -1 = base model; logit_slots: [N]
-        the slots of the rows whose logits the step computes (lm_head's input), default none;
+        """token_slots: [T] adapter slot of each packed token, -1 = base model; logit_slots: the
+        slots of the rows whose logits the step computes (lm_head's input), default none;
         host_slots: token_slots as a host list, when the caller has it (no device read)."""
         self.mapping = SlotMapping.build(token_slots, self.kernel, host_slots)
-        self.token_slots = token_slots
-        self.logit_slots = token_slots[:0] if logit_slots is None else logit_slots
+        self.token_slots = token_slots.tolist() if host_slots is None else host_slots
+        self.logit_slots = logit_slots or []
 
 
 class MultiLoraLinear(nn.Module):

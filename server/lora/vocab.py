@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.host_to_device import upload
+
 
 @dataclass(frozen=True)
 class _SlotLora:
@@ -49,13 +51,13 @@ class _VocabLora(nn.Module):
                                   non_blocking=True).contiguous()
         self._slots[slot] = _SlotLora(as_table(first), as_table(second), float(scale))
 
-    def _rows_by_slot(self, slots: torch.Tensor):
-        """(adapter, row indices) for each slot of this step that has an adapter here.
-        slots: [n] the slot of each row of this module's input."""
+    def _rows_by_slot(self, slots: list[int]):
+        """(adapter, row indices on the device) for each slot of this step that has an adapter
+        here. slots: the slot of each row of this module's input, on the host."""
         for slot in sorted(self._slots.keys() & self.context.mapping.present):
-            rows = (slots == slot).nonzero().squeeze(1)
-            if rows.numel():
-                yield self._slots[slot], rows
+            rows = [i for i, s in enumerate(slots) if s == slot]
+            if rows:
+                yield self._slots[slot], upload(torch.tensor(rows), self.device)
 
 
 class MultiLoraEmbedding(_VocabLora):

@@ -74,7 +74,7 @@ class StepInputs:
     write_rows: torch.Tensor  # [T] KV-cache row receiving each token's key and value
     groups: list[AttentionGroup]
     logit_rows: torch.Tensor  # [N] packed rows whose next-token logits are returned
-    logit_slots: torch.Tensor  # [N] adapter slot of each of those rows
+    logit_slots: list[int]  # [N] adapter slot of each of those rows (host)
 
 
 def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
@@ -102,7 +102,7 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
     return StepInputs(input_ids=as_long(ids), positions=as_long(positions),
                       token_slots=as_long(slots), token_slots_host=slots,
                       write_rows=as_long(rows), groups=groups,
-                      logit_rows=as_long(logit_rows), logit_slots=as_long(logit_slots))
+                      logit_rows=as_long(logit_rows), logit_slots=logit_slots)
 
 
 def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, windows: set,
