@@ -28,6 +28,7 @@ import torch
 from adapters_registry.host_cache import AdapterLease
 from adapters_registry.registry import AdapterRegistry
 from adapters_registry.spec import BaseModelSpec
+from adapters_registry.weights import LoraWeights
 from server.config import EngineConfig, RegistryConfig
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.admission import BASE_TENANT, make_waiting_queue
@@ -328,7 +329,7 @@ class EngineCore:
             if self.slot_write_observer is not None:
                 self.slot_write_observer(time.perf_counter() - start)
 
-    def _write_slot(self, slot: int, weights) -> None:
+    def _write_slot(self, slot: int, weights: LoraWeights) -> None:
         """On CUDA, from pinned host memory on a side stream: the host never waits for the copy,
         and the step's kernels, queued after it, wait on the device. On the CPU, in place."""
         if self._copy_stream is None:

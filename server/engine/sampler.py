@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.errors import InvalidRequest
+from server.host_to_device import upload
 
 MAX_STOP_STRINGS = 16
 # Logits are divided (or multiplied) by these: outside the ranges they overflow to inf/NaN, and a
@@ -123,8 +124,7 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRow]) -> to
         return logits
     logits = logits.clone()
     for i in penalized:
-        seen = torch.tensor(rows[i].seen_tokens, dtype=torch.long).to(logits.device,
-                                                                       non_blocking=True)
+        seen = upload(torch.tensor(rows[i].seen_tokens, dtype=torch.long), logits.device)
         penalty = rows[i].params.repetition_penalty
         values = logits[i, seen]
         logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
