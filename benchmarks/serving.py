@@ -27,7 +27,7 @@ trace that requests >= 1000 distinct adapters, is benchmarks/scale.py's.
         [--lora-dtype float32|bfloat16] [--adapters 1,1000] [--rates 1,4] [--requests N]
         [--no-vllm]
 
-`--quick` (the default; under 5 minutes on 2 cores once the assets exist) writes
+`--quick` (the default; ~7 minutes on 2 cores once the assets exist) writes
 benchmarks/reports/serving-quick.md, `--full` benchmarks/reports/serving.md; each with its PNG
 figures beside it. The overrides shrink a profile to check its stages quickly (e.g. `--full
 --adapters 1000 --rates 2 --requests 8 --out /tmp/check.md`).
@@ -798,7 +798,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                       help="the quick profile (default; under 5 minutes on 2 cores)")
+                       help="the quick profile (default; ~7 minutes on 2 cores)")
     which.add_argument("--full", dest="profile", action="store_const", const="full",
                        help="the full profile (1, 5, 10, 100, 1000 adapters, a rate sweep)")
     parser.set_defaults(profile="quick")
