@@ -35,21 +35,41 @@ MIN_DOT = 16
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, entries_ptr, tokens_ptr, h_ptr,
-                   in_features, table_rank, x_stride, a_stride_slot, a_stride_rank, h_stride,
-                   HAS_RANK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _entry_block(entries_ptr, tokens_ptr, rank_ptr, table_rank, HAS_RANK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (entry, block)'s share: its entry's slot, whether the block holds any of the
+    entry's tokens, the block's rows in `tokens` [BLOCK_M] (which are real, their tokens), and
+    the rank rows [BLOCK_R] (which are within the slot's rank)."""
     entry = tl.program_id(0)
     slot = tl.load(entries_ptr + entry * 3)
     begin = tl.load(entries_ptr + entry * 3 + 1) + tl.program_id(1) * BLOCK_M
     end = tl.load(entries_ptr + entry * 3 + 2)
-    if begin < end:
-        rank = tl.load(rank_ptr + slot) if HAS_RANK else table_rank
-        rows = begin + tl.arange(0, BLOCK_M)  # [BLOCK_M] positions in tokens
-        row_ok = rows < end
-        token = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < rank
+    rows = begin + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    token = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < (tl.load(rank_ptr + slot) if HAS_RANK else table_rank)
+    return slot, begin < end, rows, row_ok, token, r, r_ok
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 sums; IEEE: exact fp32 products (no TF32); UPCAST: see lora_apply_triton."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, entries_ptr, tokens_ptr, h_ptr,
+                   in_features, table_rank, x_stride, a_stride_slot, a_stride_rank, h_stride,
+                   HAS_RANK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    slot, live, rows, row_ok, token, r, r_ok = _entry_block(
+        entries_ptr, tokens_ptr, rank_ptr, table_rank, HAS_RANK, BLOCK_M, BLOCK_R)
+    if live:
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         a_base = a_ptr + slot.to(tl.int64) * a_stride_slot
         for k0 in range(0, in_features, BLOCK_K):
@@ -59,13 +79,7 @@ def _shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, entries_ptr, tokens_ptr, h
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             at = tl.load(a_base + r[None, :] * a_stride_rank + k[:, None],
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-            xt = xt.to(at.dtype)
-            if UPCAST:
-                xt, at = xt.to(tl.float32), at.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(xt, at, input_precision="ieee")
-            else:
-                acc += tl.dot(xt, at)
+            acc += _dot(xt.to(at.dtype), at, IEEE, UPCAST)
         acc *= tl.load(scale_ptr + slot)
         tl.store(h_ptr + rows[:, None] * h_stride + r[None, :], acc, mask=row_ok[:, None])
 
@@ -75,30 +89,16 @@ def _expand_kernel(h_ptr, b_ptr, rank_ptr, entries_ptr, tokens_ptr, y_ptr,
                    out_features, table_rank, h_stride, b_stride_slot, b_stride_rank, y_stride,
                    HAS_RANK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    entry = tl.program_id(0)
-    slot = tl.load(entries_ptr + entry * 3)
-    begin = tl.load(entries_ptr + entry * 3 + 1) + tl.program_id(1) * BLOCK_M
-    end = tl.load(entries_ptr + entry * 3 + 2)
-    if begin < end:
-        rank = tl.load(rank_ptr + slot) if HAS_RANK else table_rank
-        rows = begin + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        token = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < rank
+    slot, live, rows, row_ok, token, r, r_ok = _entry_block(
+        entries_ptr, tokens_ptr, rank_ptr, table_rank, HAS_RANK, BLOCK_M, BLOCK_R)
+    if live:
         n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < out_features
         bt = tl.load(b_ptr + slot.to(tl.int64) * b_stride_slot + r[:, None] * b_stride_rank
                      + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [R, N]
         ht = tl.load(h_ptr + rows[:, None] * h_stride + r[None, :],
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, R] fp32
-        ht = ht.to(bt.dtype)
-        if UPCAST:
-            ht, bt = ht.to(tl.float32), bt.to(tl.float32)
-        if IEEE:
-            delta = tl.dot(ht, bt, input_precision="ieee")
-        else:
-            delta = tl.dot(ht, bt)
+        delta = _dot(ht.to(bt.dtype), bt, IEEE, UPCAST)
         y_at = y_ptr + token[:, None] * y_stride + n[None, :]
         both = row_ok[:, None] & n_ok[None, :]
         y = tl.load(y_at, mask=both, other=0.0)
