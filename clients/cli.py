@@ -1,8 +1,8 @@
 """`loraplex-client`: the Python client from a shell.
 
 Tokens come from files or the environment, never from a flag (flags are visible in `ps`).
-Errors: one line `loraplex-client: error: CODE: details` on stderr and exit status 1; usage
-errors exit 2.
+Errors: one line `loraplex-client: error: CODE: details (what to do)` on stderr and exit status
+1 (`explain`); usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -36,12 +36,46 @@ def main(argv: list[str] | None = None) -> int:
                             root_certificates=args.tls_ca, client_certificate=args.tls_cert,
                             client_key=args.tls_key) as client:
             args.run(client, args)
-    except (LoraplexError, OSError) as error:
+    except LoraplexError as error:
+        print(f"{PROG}: error: {explain(error, args.command, args.target)}", file=sys.stderr)
+        return 1
+    except OSError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+ADMIN_COMMANDS = {"upload", "register", "list", "get", "delete", "pin", "unpin", "info"}
+"""The commands that call the Admin service (it exists only on a server with an admin token)."""
+
+WHAT_TO_DO = {
+    "UNAVAILABLE": "is a loraplex server running at {target}? (--target or LORAPLEX_TARGET)",
+    "UNAUTHENTICATED": "give the server's token: --token-file FILE or LORAPLEX_TOKEN (admin "
+                       "commands: --admin-token-file FILE or LORAPLEX_ADMIN_TOKEN)",
+    "PERMISSION_DENIED": "this token may not do that: admin commands need the admin token",
+    "RESOURCE_EXHAUSTED": "the server is busy: retry in a moment",
+    "DEADLINE_EXCEEDED": "the server did not answer in time: retry, or check its load",
+    "UNIMPLEMENTED": "the server does not offer this call: is it a loraplex server of this "
+                     "version?",
+    "INTERNAL": "a server error: its log says more",
+    "UNKNOWN": "a server error: its log says more",
+}
+"""What to do after an error, by gRPC status; the others (NOT_FOUND, INVALID_ARGUMENT, ...)
+carry the server's own reason, which says it."""
+
+
+def explain(error: LoraplexError, command: str, target: str) -> str:
+    """One line: the status, the server's reason (gRPC's own text flattened), what to do."""
+    code = error.code.name
+    if code == "UNIMPLEMENTED" and command in ADMIN_COMMANDS:
+        return ("UNIMPLEMENTED: this server has no admin API: start it with "
+                "--admin-token-file FILE")
+    details = " ".join(error.details.split())
+    hint = WHAT_TO_DO.get(code)
+    line = f"{code}: {details}" if details else code
+    return f"{line} ({hint.format(target=target)})" if hint else line
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -172,7 +172,7 @@ class Fake:
     health: health.HealthServicer
 
 
-def _serve(credentials=None):
+def _serve(credentials=None, with_admin=True):
     record = Record()
     server = grpc.server(ThreadPoolExecutor(max_workers=8))
     admin = FakeAdmin(record)
@@ -180,7 +180,8 @@ def _serve(credentials=None):
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("loraplex.v1.Admin", health_pb2.HealthCheckResponse.NOT_SERVING)
     inference_pb2_grpc.add_InferenceServicer_to_server(FakeInference(record), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    if with_admin:  # a server started without an admin token has no Admin service
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = (server.add_secure_port("127.0.0.1:0", credentials) if credentials
             else server.add_insecure_port("127.0.0.1:0"))
@@ -561,6 +562,27 @@ def test_cli_error_is_one_line_on_stderr_with_exit_status_1(fake):
     run = _cli(fake, "get", "nope")
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr == "loraplex-client: error: NOT_FOUND: adapter 'nope' is not registered\n"
+
+
+def test_cli_admin_command_on_a_server_without_admin_says_how_to_start_one():
+    server, fake = _serve(with_admin=False)
+    try:
+        run = _cli(fake, "list")
+    finally:
+        server.stop(None)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == ("loraplex-client: error: UNIMPLEMENTED: this server has no admin API: "
+                          "start it with --admin-token-file FILE\n")
+
+
+def test_cli_unreachable_server_is_one_line_with_what_to_do():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+    run = _cli(Fake(target, Record(), None, None), "generate", "hi")
+    assert run.returncode == 1 and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("loraplex-client: error: UNAVAILABLE: ")
+    assert f"is a loraplex server running at {target}?" in run.stderr
 
 
 def test_cli_upload_shows_progress_and_sends_the_admin_token(fake, tmp_path):
