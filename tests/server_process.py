@@ -51,13 +51,14 @@ class ServerProcess:
             return "".join(self.log)
 
 
-def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 300
-                 ) -> ServerProcess:
-    """Runs `loraplex serve --port 0 ARGS`; returns once it logs "serving on HOST:PORT".
+def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+                 launcher: list[str] | None = None) -> ServerProcess:
+    """Runs `loraplex serve --port 0 ARGS` (or `launcher --port 0 ARGS`, whose output all goes
+    to stderr); returns once it logs "serving on HOST:PORT".
 
     A thread keeps reading its stderr, so the server never blocks on a full pipe.
     """
-    proc = processes.start(LORAPLEX + ["serve", "--port", "0", *args], text=True,
+    proc = processes.start((launcher or LORAPLEX + ["serve"]) + ["--port", "0", *args], text=True,
                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                            env={**os.environ, **(env or {})})
     server = ServerProcess(proc)
