@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks import core_engine  # noqa: E402
 from benchmarks.core_engine import generate_hf, generate_loraplex, load_hf, load_peft  # noqa: E402
 from server.tools.demo import ALL_LINEAR_MODULES, write_llama_model, write_lora_adapter  # noqa: E402
 
@@ -99,14 +100,11 @@ def kernels(profile: Profile) -> dict:
 
 
 def load_core(model_dir: Path, adapters: dict[str, Path], profile: Profile, dtype: torch.dtype,
-              **engine):
-    from server.config import EngineConfig
-    from server.engine.core import load_engine_core
-
-    config = EngineConfig(model=model_dir, quantize="nf4", device=profile.device,
-                          dtype=str(dtype).removeprefix("torch."), **kernels(profile), **engine)
-    config.validate()
-    return load_engine_core(config, {name: str(path) for name, path in adapters.items()})
+              lora_dtype: str = "float32", **engine):
+    """core_engine's engine (NF4 base) on the profile's device, in `dtype`, with its kernels."""
+    return core_engine.load_core(model_dir, adapters, lora_dtype, device=profile.device,
+                                 dtype=str(dtype).removeprefix("torch."), threads=0,
+                                 **kernels(profile), **engine)
 
 
 # ---- (a) equivalence ----------------------------------------------------------------------
@@ -262,8 +260,9 @@ def run_benchmark(root: Path, profile: Profile):
     hf = load_hf(model_dir, profile.device, profile.dtype)
     peft = load_peft(model_dir, adapters, profile.device, profile.dtype)
     kv_mb = 2048 if profile.device == "cuda" else 64
-    core = load_core(model_dir, adapters, profile, profile.dtype, max_slots=profile.adapters,
-                     max_rank=16, lora_dtype=str(profile.dtype).removeprefix("torch."),
+    core = load_core(model_dir, adapters, profile, profile.dtype,
+                     str(profile.dtype).removeprefix("torch."), max_slots=profile.adapters,
+                     max_rank=16,
                      kv_cache_mb=kv_mb, max_batch_size=profile.sequences,
                      max_step_tokens=profile.sequences * profile.prompt_len)
     configs = {

@@ -24,10 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.triton_support import interpreting
-
-INTERPRETED = interpreting()
-"""True when this module's kernels run in Triton's interpreter (on CPU tensors)."""
+from server.triton_common import INTERPRETED, dot, dot_flags
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_DOT = 16
@@ -53,16 +50,6 @@ def _entry_block(entries_ptr, tokens_ptr, rank_ptr, table_rank, HAS_RANK: tl.con
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 sums; IEEE: exact fp32 products (no TF32); UPCAST: see lora_apply_triton."""
-    if UPCAST:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, entries_ptr, tokens_ptr, h_ptr,
                    in_features, table_rank, x_stride, a_stride_slot, a_stride_rank, h_stride,
                    HAS_RANK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -79,7 +66,7 @@ def _shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, entries_ptr, tokens_ptr, h
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             at = tl.load(a_base + r[None, :] * a_stride_rank + k[:, None],
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-            acc += _dot(xt.to(at.dtype), at, IEEE, UPCAST)
+            acc += dot(xt.to(at.dtype), at, IEEE, UPCAST)
         acc *= tl.load(scale_ptr + slot)
         tl.store(h_ptr + rows[:, None] * h_stride + r[None, :], acc, mask=row_ok[:, None])
 
@@ -98,7 +85,7 @@ def _expand_kernel(h_ptr, b_ptr, rank_ptr, entries_ptr, tokens_ptr, y_ptr,
                      + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [R, N]
         ht = tl.load(h_ptr + rows[:, None] * h_stride + r[None, :],
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, R] fp32
-        delta = _dot(ht.to(bt.dtype), bt, IEEE, UPCAST)
+        delta = dot(ht.to(bt.dtype), bt, IEEE, UPCAST)
         y_at = y_ptr + token[:, None] * y_stride + n[None, :]
         both = row_ok[:, None] & n_ok[None, :]
         y = tl.load(y_at, mask=both, other=0.0)
@@ -129,25 +116,20 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
     block_r = max(MIN_DOT, triton.next_power_of_2(R))
     block_m = _block_m(max_entry_tokens)
     token_blocks = triton.cdiv(max_entry_tokens, block_m)
-    ieee = A.dtype == torch.float32
-    # The interpreter computes on 16-bit floats wrongly (its bf16 arithmetic reads the raw bits;
-    # conversions are right): there, the products take the operands rounded to the tables'
-    # dtype and widened to fp32, which is exactly what a 16-bit dot with fp32 sums computes.
-    upcast = INTERPRETED and A.dtype != torch.float32
+    flags = dot_flags(A.dtype)
     has_rank = rank is not None and rank.numel() > 0
     rank_arg = rank if has_rank else scale  # never read without HAS_RANK
     h = torch.empty(tokens.shape[0], block_r, dtype=torch.float32, device=x.device)
     in_features, out_features = x.shape[1], y.shape[1]
     _shrink_kernel[(E, token_blocks)](
         x, A, scale, rank_arg, entries, tokens, h, in_features, R, x.stride(0), A.stride(0),
-        A.stride(1), h.stride(0), HAS_RANK=has_rank, IEEE=ieee, UPCAST=upcast,
-        BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r)
+        A.stride(1), h.stride(0), HAS_RANK=has_rank, BLOCK_M=block_m,
+        BLOCK_K=64, BLOCK_R=block_r, **flags)
     block_n = 64
     _expand_kernel[(E, token_blocks, triton.cdiv(out_features, block_n))](
         h, B, rank_arg, entries, tokens, y, out_features, R, h.stride(0), B.stride(0), B.stride(1),
-        y.stride(0), HAS_RANK=has_rank, IEEE=ieee, UPCAST=upcast, BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_R=block_r)
+        y.stride(0), HAS_RANK=has_rank, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_R=block_r, **flags)
     return True
 
 

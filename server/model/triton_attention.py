@@ -20,9 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.triton_support import interpreting
-
-INTERPRETED = interpreting()
+from server.triton_common import dot, dot_flags
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_N = 64
 """Positions per tile (any block size: a tile may span several blocks)."""
@@ -64,23 +62,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, sm_scale,
                      mask=p_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
         vt = tl.load(v_ptr + kv_base + row[:, None] * kv_stride_row + d[None, :],
                      mask=p_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-        qt = q.to(kt.dtype)
-        if UPCAST:
-            qt, kt, vt = qt.to(tl.float32), kt.to(tl.float32), vt.to(tl.float32)
-        if IEEE:
-            scores = tl.dot(qt, kt, input_precision="ieee")
-        else:
-            scores = tl.dot(qt, kt)
+        scores = dot(q.to(kt.dtype), kt, IEEE, UPCAST)
         scores = tl.where(p_ok[None, :], scores * sm_scale, float("-inf"))  # [G_PAD, BLOCK_N]
         new_best = tl.maximum(best, tl.max(scores, 1))
         rescale = tl.exp(best - new_best)
         weights = tl.exp(scores - new_best[:, None])
         total = total * rescale + tl.sum(weights, 1)
-        if IEEE:
-            update = tl.dot(weights.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            update = tl.dot(weights.to(vt.dtype), vt)
-        acc = acc * rescale[:, None] + update
+        acc = acc * rescale[:, None] + dot(weights.to(vt.dtype), vt, IEEE, UPCAST)
         best = new_best
     out = acc / total[:, None]
     tl.store(out_ptr + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
@@ -98,15 +86,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(B, heads, D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    ieee = k_cache.dtype == torch.float32
-    # The interpreter computes on 16-bit floats wrongly (it reads their raw bits; conversions are
-    # right): there the operands are widened to fp32 after rounding, as a 16-bit dot would see them.
-    upcast = INTERPRETED and k_cache.dtype != torch.float32
     _decode_kernel[(B, kv_heads)](
         q, k_cache, v_cache, block_tables, context_lens, out, float(scale), int(window or 0),
         block_size, D, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None,
-        IEEE=ieee, UPCAST=upcast)
+        **dot_flags(k_cache.dtype))
     return out
