@@ -8,9 +8,9 @@ Needs only grpc, protobuf and the generated `loraplex.v1` stubs: no torch.
 """
 
 from clients._common import (
-    AdapterInfo, GenerateResult, LoraplexError, ServerInfo, StreamDelta)
+    AdapterInfo, GenerateResult, LoraplexError, Models, ServerInfo, StreamDelta)
 from clients.aio import AsyncLoraplexClient
 from clients.sync import LoraplexClient
 
 __all__ = ["AdapterInfo", "AsyncLoraplexClient", "GenerateResult", "LoraplexClient",
-           "LoraplexError", "ServerInfo", "StreamDelta"]
+           "LoraplexError", "Models", "ServerInfo", "StreamDelta"]

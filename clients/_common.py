@@ -70,6 +70,20 @@ class StreamDelta:
     completion_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Models:
+    """What a server serves (ListModels, as HTTP's /v1/models)."""
+
+    base_model: str  # the base model's id
+    chat_template: bool  # its tokenizer has one: `chat=True` works
+    adapters: list[str]  # the adapters usable now, by name
+
+
+def models_result(response: inference_pb2.ListModelsResponse) -> Models:
+    return Models(base_model=response.base_model, chat_template=response.chat_template,
+                  adapters=list(response.adapters))
+
+
 def _finish_reason(value: int) -> str | None:
     if value == inference_pb2.FINISH_REASON_UNSPECIFIED:
         return None

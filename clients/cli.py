@@ -8,8 +8,10 @@ Errors: one line `loraplex-client: error: CODE: details (what to do)` on stderr 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 from google.protobuf.message import Message
 from tqdm import tqdm
 
+from clients import compare
 from clients._common import DEFAULT_TARGET, AdapterInfo, LoraplexError, ServerInfo
 from clients.sync import LoraplexClient
 
@@ -91,15 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", help="PEM client private key (mTLS, with --tls-cert)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("prompt")
+    params = argparse.ArgumentParser(add_help=False)
+    params.add_argument("prompt")
+    params.add_argument("--max-new-tokens", type=int)
+    params.add_argument("--temperature", type=float, help="0 = greedy")
+    params.add_argument("--top-p", type=float)
+    params.add_argument("--top-k", type=int)
+    params.add_argument("--seed", type=int)
+    params.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    sampling = argparse.ArgumentParser(add_help=False, parents=[params])
     sampling.add_argument("--adapter", help="adapter name (default: the base model)")
-    sampling.add_argument("--max-new-tokens", type=int)
-    sampling.add_argument("--temperature", type=float, help="0 = greedy")
-    sampling.add_argument("--top-p", type=float)
-    sampling.add_argument("--top-k", type=int)
-    sampling.add_argument("--seed", type=int)
-    sampling.add_argument("--stop", action="append", help="a stop string (repeatable)")
     sampling.add_argument("--chat", action="store_true",
                           help="send the prompt as a user message: the server renders it with "
                                "the model's chat template")
@@ -115,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 
     command("generate", _generate, "print a whole completion", [sampling])
     command("stream", _stream, "print a completion as it is produced", [sampling])
+    _compare_command(command("compare", _compare, "one prompt to the base model and adapters at "
+                             "once, answers side by side", [params, as_json]))
     upload = command("upload", _upload, "upload a PEFT adapter directory", [name, as_json])
     upload.add_argument("directory", help="holds adapter_config.json and adapter_model.safetensors")
     upload.add_argument("--version", type=int, help="default: the stored version + 1")
@@ -127,6 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     command("unpin", _unpin, "let an adapter be evicted again", [name, as_json])
     command("info", _info, "show the server's model, capacity and memory use", [as_json])
     return parser
+
+
+def _compare_command(sub: argparse.ArgumentParser) -> None:
+    sub.description = (
+        "Sends the prompt to the base model and to adapters (default: every adapter) at once "
+        "and prints the answers side by side, the base model's first: redrawn as they stream "
+        "on a terminal, with tokens and tokens/s (over the whole request); --json: one list "
+        "once all have ended. The server applies the model's chat template when it has one, "
+        "unless --raw.")
+    chosen = sub.add_mutually_exclusive_group()
+    chosen.add_argument("--adapters", metavar="A,B,...", help="only these adapters")
+    chosen.add_argument("--all", action="store_true", help="every adapter (the default)")
+    sub.add_argument("--raw", action="store_true",
+                     help="send the prompt as is, without the chat template")
 
 
 def _token(parser: argparse.ArgumentParser, path: str | None, *env: str) -> str | None:
@@ -145,10 +165,13 @@ def _token(parser: argparse.ArgumentParser, path: str | None, *env: str) -> str 
 # Commands
 
 
+def _params(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
 def _sampling(args) -> dict:
-    return dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=args.stop, chat=args.chat)
+    return dict(adapter=args.adapter, chat=args.chat, **_params(args))
 
 
 def _generate(client: LoraplexClient, args) -> None:
@@ -160,6 +183,27 @@ def _stream(client: LoraplexClient, args) -> None:
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     print()
+
+
+def _compare(client: LoraplexClient, args) -> None:
+    models = client.list_models()
+    answers = compare.answers_for(models, args.adapters)
+    run = functools.partial(compare.run, client, answers, args.prompt, params=_params(args),
+                            chat=models.chat_template and not args.raw)
+    if args.json:
+        run()
+        print(json.dumps([a.as_json() for a in answers], indent=2))
+    elif sys.stdout.isatty():
+        live = compare.LiveGrid(answers)
+        try:
+            run(redraw=live)
+        finally:
+            live.finish()
+    else:
+        try:
+            run()
+        finally:
+            print("\n".join(compare.grid(answers, shutil.get_terminal_size().columns)))
 
 
 def _upload(client: LoraplexClient, args) -> None:

@@ -10,8 +10,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients._common import (
     DEFAULT_TARGET, UPLOAD_CHUNK_BYTES, AdapterFiles, AdapterInfo, GenerateResult, LoraplexError,
-    PathOrPem, Progress, ServerInfo, StreamDelta, bearer, channel_credentials, generate_request,
-    generate_result, inference_metadata, rpc_errors, stream_delta, upload_requests)
+    Models, PathOrPem, Progress, ServerInfo, StreamDelta, bearer, channel_credentials,
+    generate_request, generate_result, inference_metadata, models_result, rpc_errors, stream_delta,
+    upload_requests)
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 
@@ -97,6 +98,16 @@ class LoraplexClient:
             response = self._inference.Tokenize(request, metadata=self._inference_metadata,
                                                 timeout=self._timeout)
         return list(response.token_ids)
+
+    def list_models(self) -> Models:
+        """The base model, whether it has a chat template, and the adapters usable now; needs
+        only the inference token (unlike list_adapters, and on a server without the Admin
+        service too)."""
+        with rpc_errors():
+            response = self._inference.ListModels(
+                inference_pb2.ListModelsRequest(), metadata=self._inference_metadata,
+                timeout=self._timeout)
+        return models_result(response)
 
     # Admin
 

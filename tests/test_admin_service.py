@@ -232,3 +232,9 @@ def test_inference_needs_its_token_or_the_admin_token(served):
     assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
     assert len(stub.Generate(request, metadata=INFERENCE).token_ids) == 1
     assert len(stub.Generate(request, metadata=ADMIN).token_ids) == 1
+    listed = pb.ListModelsRequest()
+    assert refused(stub.ListModels, listed).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused(stub.ListModels, listed, metadata=[("authorization", "Bearer no")]
+                   ).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.ListModels(listed, metadata=INFERENCE) == stub.ListModels(listed, metadata=ADMIN)
+    assert stub.ListModels(listed, metadata=INFERENCE).base_model

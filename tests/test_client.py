@@ -23,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from clients import AsyncLoraplexClient, LoraplexClient, LoraplexError, StreamDelta
+from clients import AsyncLoraplexClient, LoraplexClient, LoraplexError, Models, StreamDelta
 from clients import cli
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.certificates import write_certificates
@@ -99,6 +99,11 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         ids = [ord(c) for c in request.text]
         return inference_pb2.TokenizeResponse(token_ids=[1] + ids if request.add_special_tokens
                                               else ids)
+
+    def ListModels(self, request, context):
+        self.record.add("ListModels", request, context)
+        return inference_pb2.ListModelsResponse(base_model="tiny-llama", chat_template=True,
+                                                adapters=["a1", "a2"])
 
 
 class FakeAdmin(admin_pb2_grpc.AdminServicer):
@@ -306,6 +311,10 @@ def test_tokenize(client, fake):
     assert fake.record.of("Tokenize")[1].request.add_special_tokens
 
 
+def test_list_models(client):
+    assert client.list_models() == Models("tiny-llama", True, ["a1", "a2"])
+
+
 # Auth, health, errors
 
 
@@ -313,6 +322,7 @@ def test_each_service_gets_its_own_bearer_token(client, fake, tmp_path):
     client.generate("Hi")
     list(client.stream("Hi"))
     client.tokenize("Hi")
+    client.list_models()
     client.get_adapter("a1")
     client.list_adapters()
     client.upload_adapter("new", adapter_dir(tmp_path / "new"))
@@ -320,7 +330,8 @@ def test_each_service_gets_its_own_bearer_token(client, fake, tmp_path):
 
     sent = {c.method: c.metadata.get("authorization") for c in fake.record.calls}
     assert sent == {"Generate": "Bearer inf-token", "GenerateStream": "Bearer inf-token",
-                    "Tokenize": "Bearer inf-token", "GetAdapter": "Bearer admin-token",
+                    "Tokenize": "Bearer inf-token", "ListModels": "Bearer inf-token",
+                    "GetAdapter": "Bearer admin-token",
                     "ListAdapters": "Bearer admin-token", "UploadAdapter": "Bearer admin-token"}
 
 
@@ -446,15 +457,16 @@ def test_async_client_generates_streams_and_tokenizes(fake):
             result = await client.generate("Hi", adapter="a1", top_k=5, logprobs=True)
             deltas = [d async for d in client.stream("Hi", max_new_tokens=3)]
             ids = await client.tokenize("ab")
+            models = await client.list_models()
             with pytest.raises(LoraplexError) as error:
                 await client.generate("Hi", adapter="missing")
             midway = []
             with pytest.raises(LoraplexError) as midway_error:
                 async for delta in client.stream("Hi", adapter="fails-midway"):
                     midway.append(delta.text)
-            return result, deltas, ids, error.value, midway, midway_error.value
+            return result, deltas, ids, models, error.value, midway, midway_error.value
 
-    result, deltas, ids, error, midway, midway_error = asyncio.run(main())
+    result, deltas, ids, models, error, midway, midway_error = asyncio.run(main())
     assert (result.text, result.finish_reason, result.logprobs) == ("Hello world", "stop",
                                                                     [-0.5, -0.25])
     generate, stream = fake.record.of("Generate")[0], fake.record.of("GenerateStream")[0]
@@ -464,6 +476,8 @@ def test_async_client_generates_streams_and_tokenizes(fake):
     assert "".join(d.text for d in deltas) == "Hello world"
     assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 3
     assert ids == [97, 98]
+    assert models == Models("tiny-llama", True, ["a1", "a2"])
+    assert fake.record.of("ListModels")[0].metadata["authorization"] == "Bearer inf-token"
     assert str(error) == "NOT_FOUND: adapter 'missing' is not registered"
     assert midway == ["Hel"] and midway_error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 

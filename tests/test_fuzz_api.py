@@ -374,6 +374,7 @@ METHODS = {  # path -> (kind, needs the admin token)
     "/loraplex.v1.Inference/Generate": ("unary", False),
     "/loraplex.v1.Inference/GenerateStream": ("server_stream", False),
     "/loraplex.v1.Inference/Tokenize": ("unary", False),
+    "/loraplex.v1.Inference/ListModels": ("unary", False),
     "/loraplex.v1.Admin/UploadAdapter": ("client_stream", True),
     "/loraplex.v1.Admin/RegisterAdapter": ("unary", True),
     "/loraplex.v1.Admin/GetAdapter": ("unary", True),

@@ -63,6 +63,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                           request.add_special_tokens)
         return inference_pb2.TokenizeResponse(token_ids=ids)
 
+    async def ListModels(self, request, context):
+        """As HTTP's /v1/models: the base model, and the stored adapters without an error."""
+        ready = self.backend.ready()
+        adapters = [r.name for r in ready.registry.store.list() if r.error is None]
+        return inference_pb2.ListModelsResponse(
+            base_model=ready.core.model.name, adapters=adapters,
+            chat_template=bool(getattr(ready.core.tokenizer, "chat_template", None)))
+
 
 def _token_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
