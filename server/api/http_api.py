@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API, beside gRPC in the same process and on the same Engine.
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions` (streamed as server-sent events with
-`stream: true`), plus `/health` and `/metrics`. `model` is the base model's name or an adapter's.
+`stream: true`), plus `/health`, `/metrics` and the web page with its JSON routes
+(server/api/web.py). `model` is the base model's name or an adapter's.
 Requests go through the same `Engine` as gRPC, so they count in the same metrics and request log.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; a domain error's
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from adapters_registry.store import InvalidNameError
+from server.api.web import add_web_routes
 from server.engine.async_engine import Engine
 from server.engine.core import FinishReason, GenerationRequest, RequestOutput
 from server.engine.sampler import SamplingParams
@@ -234,6 +236,7 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
     def metrics():  # a plain def: FastAPI runs it on a worker thread, off the event loop
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_web_routes(app, backend, tokens)
     _add_error_handlers(app)
     return app
 

@@ -17,6 +17,7 @@ class EngineStats:
     kv_blocks: int
     kv_blocks_free: int
     slots_in_use: int  # adapter versions held in device slots (busy or idle)
+    slot_adapters: frozenset[tuple[str, int]]  # (name, version) of each of them
     slot_loads: int  # slot writes so far (= slot misses)
     slot_hits: int  # admissions that found their version in a slot
     slot_evictions: int
@@ -46,7 +47,9 @@ class EngineStats:
         return EngineStats(
             running=len(scheduler.running), waiting=len(scheduler.waiting),
             kv_blocks=kv.num_blocks, kv_blocks_free=kv.allocator.num_free,
-            slots_in_use=len(slots.slot_of), slot_loads=slots.loads, slot_hits=slots.hits,
+            slots_in_use=len(slots.slot_of),
+            slot_adapters=frozenset((key.name, key.version) for key in slots.slot_of),
+            slot_loads=slots.loads, slot_hits=slots.hits,
             slot_evictions=slots.evictions, running_by_adapter=dict(scheduler.running_counts),
             waiting_by_adapter=dict(scheduler.waiting.counts),
             preemptions=scheduler.preemptions, steps=steps, generated_tokens=generated_tokens)

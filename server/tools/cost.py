@@ -98,6 +98,31 @@ def format_table(report: CostReport, ns: Sequence[int] = (1, 10, 100, 1000)) -> 
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ChartSeries:
+    """Memory against N adapters (bytes), the lines of the cost chart: loraplex against N fully
+    fine-tuned copies, as served and in bfloat16. `loraplex cost` draws it as a PNG, the web
+    page as SVG."""
+
+    quantization: str  # how the base and the served copies are stored ("unquantized" if none)
+    ns: list[int]  # 1..max_adapters, log-spaced
+    loraplex: list[int]
+    served_copies: list[int]
+    bf16_copies: list[int]
+
+
+def chart_series(report: CostReport, max_adapters: int = 1000, points: int = 200) -> ChartSeries:
+    if max_adapters < 1:
+        raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
+    ns = sorted({round(10 ** (math.log10(max_adapters) * i / (points - 1)))
+                 for i in range(points)})
+    served = report.quantization if report.quantization != "none" else "unquantized"
+    return ChartSeries(quantization=served, ns=ns,
+                       loraplex=[report.loraplex_bytes(n) for n in ns],
+                       served_copies=[report.served_copies_bytes(n) for n in ns],
+                       bf16_copies=[report.bf16_copies_bytes(n) for n in ns])
+
+
 def write_chart(report: CostReport, path: str | Path, max_adapters: int = 1000) -> None:
     """A PNG line chart of memory against N = 1..max_adapters (log-log): loraplex against N
     fully fine-tuned copies."""
@@ -106,20 +131,16 @@ def write_chart(report: CostReport, path: str | Path, max_adapters: int = 1000) 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    if max_adapters < 1:
-        raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
-    ns = sorted({round(10 ** (math.log10(max_adapters) * i / 199)) for i in range(200)})
-    served = report.quantization if report.quantization != "none" else "unquantized"
-    ours = [report.loraplex_bytes(n) for n in ns]
-    same = [report.served_copies_bytes(n) for n in ns]
-    bf16 = [report.bf16_copies_bytes(n) for n in ns]
-    unit, scale = ("GiB", 2**30) if max(ours + same + bf16) >= 2**30 else ("MiB", 2**20)
+    series = chart_series(report, max_adapters)
+    served, ns = series.quantization, series.ns
+    everything = series.loraplex + series.served_copies + series.bf16_copies
+    unit, scale = ("GiB", 2**30) if max(everything) >= 2**30 else ("MiB", 2**20)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    ax.plot(ns, [b / scale for b in ours], label=LORAPLEX_LINE, linewidth=2)
-    ax.plot(ns, [b / scale for b in same], label=f"{FULL_COPIES_LINE} ({served}, as served)",
-            linewidth=2, linestyle="--")
-    ax.plot(ns, [b / scale for b in bf16], label=f"{FULL_COPIES_LINE} (bfloat16)", linewidth=2,
-            linestyle=":")
+    ax.plot(ns, [b / scale for b in series.loraplex], label=LORAPLEX_LINE, linewidth=2)
+    ax.plot(ns, [b / scale for b in series.served_copies],
+            label=f"{FULL_COPIES_LINE} ({served}, as served)", linewidth=2, linestyle="--")
+    ax.plot(ns, [b / scale for b in series.bf16_copies], label=f"{FULL_COPIES_LINE} (bfloat16)",
+            linewidth=2, linestyle=":")
     ax.set_xscale("log")
     ax.set_yscale("log")  # both lines span decades; a linear axis hides the small-N end
     if max_adapters > 1:
