@@ -83,6 +83,12 @@ class EngineConfig:
     kv_block_size: int = field(
         default=16,
         metadata={"help": "Tokens per KV-cache block."})
+    prefix_cache: bool = field(
+        default=True,
+        metadata={"help": "Keep the KV blocks of computed prompt prefixes (keyed by adapter "
+                          "version) and share them with later requests that start the same "
+                          "way, which then compute only the rest; --no-prefix-cache turns it "
+                          "off."})
     max_model_len: int = field(
         default=0,
         metadata={"help": "Longest sequence (prompt + generation); 0 = the model's "
@@ -395,6 +401,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls=EngineConfig,
         if isinstance(f.default, bool):  # `--flag` alone means true; `--flag false` also works
             kwargs.update(nargs="?", const=True)
         parser.add_argument(flag, **kwargs)
+        if f.default is True:  # on by default: `--no-flag` turns it off
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                action="store_const", const=False, help=f"turn {flag} off")
 
 
 def from_arguments(args: argparse.Namespace, config_cls=EngineConfig):

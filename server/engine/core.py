@@ -85,6 +85,7 @@ class RequestOutput:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
     queue_seconds: float | None = None  # when finished: arrival to first scheduled (or to end)
 
 
@@ -300,6 +301,7 @@ class EngineCore:
             c.seq.num_computed += c.num_tokens
             if chunk.needs_logits:
                 sampling.append(c.seq)
+        self.scheduler.computed(scheduled)  # before sampling ends (and frees) any of them
         if self.logits_observer is not None:
             self.logits_observer([seq.request_id for seq in sampling], logits)
         tokens, logprobs = sample(logits, [_sample_row(seq) for seq in sampling])
@@ -309,10 +311,13 @@ class EngineCore:
                 for seq, token, logprob in zip(sampling, tokens, logprobs)]
 
     def _retire_changed_adapters(self) -> None:
-        """Frees the device slots of replaced or deleted versions once no request uses them."""
+        """Frees the device slots of replaced or deleted versions once no request uses them,
+        and drops their KV blocks from the prefix cache."""
         while not self._changed.empty():
             name = self._changed.get()
-            self.slots.retire_stale(name, self.registry.current_key(name))
+            current = self.registry.current_key(name)
+            self.slots.retire_stale(name, current)
+            self.kv.allocator.forget_adapter(lambda key: key.name == name and key != current)
 
     def _write_new_slots(self, scheduled: list[ScheduledChunk]) -> None:
         """Admission: writes each adapter version placed in a slot that does not hold it yet
@@ -399,7 +404,8 @@ class EngineCore:
         return RequestOutput(request_id=seq.request_id, new_token_ids=token_ids, new_text=text,
                              new_logprobs=logprobs, finished=reason is not None,
                              finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
-                             completion_tokens=len(seq.output_ids), queue_seconds=queue_seconds)
+                             completion_tokens=len(seq.output_ids),
+                             cached_tokens=seq.cached_tokens or 0, queue_seconds=queue_seconds)
 
 
 def _chunk(c: ScheduledChunk) -> SeqChunk:
@@ -425,7 +431,8 @@ def _make_kv_cache(model: LoadedModel, config: EngineConfig) -> KVCache:
     if num_blocks < 1:
         raise ConfigError(f"--kv-cache-mb {config.kv_cache_mb} holds no KV block "
                              f"({per_block} bytes each)")
-    return KVCache(num_blocks=num_blocks, dtype=model.dtype, device=model.device, **shape)
+    return KVCache(num_blocks=num_blocks, dtype=model.dtype, device=model.device,
+                   prefix_caching=config.prefix_cache, **shape)
 
 
 def _max_model_len(model: LoadedModel, config: EngineConfig, kv: KVCache) -> int:

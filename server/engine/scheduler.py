@@ -11,6 +11,12 @@ slot-write bytes (--max-slot-write-mb-per-step; the first write of a step always
 for this step; one that does not fit the free KV blocks stops admission (memory is first come,
 first served). A request that does not fit waits; it never fails the batch.
 
+With the prefix cache (server/engine/kv_cache.py) an admitted sequence first takes the cached
+blocks its tokens start with, under its adapter version, and computes only the rest (at least
+its last token, whose logits it needs); after each step the blocks its computed tokens filled
+are offered to the cache. Preemption frees a sequence's blocks like any other: those that are
+full stay cached, so its recompute usually finds them again.
+
 The scheduler only decides: it places admitted sequences in adapter slots (bookkeeping), and the
 engine writes the adapter versions new to their slot before running the step.
 """
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from adapters_registry.host_cache import AdapterLease
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.admission import FcfsQueue, WaitingQueue, tenant_of
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, block_hashes
 from server.engine.sampler import SamplingParams
 
 
@@ -52,6 +58,9 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     preemptions: int = 0
+    cached_tokens: int | None = None  # prompt tokens the prefix cache held at first admission
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far
+    registered_blocks: int = 0  # leading blocks of block_table offered to the prefix cache
 
     @property
     def tokens(self) -> list[int]:
@@ -85,6 +94,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.running_counts: Counter[str] = Counter()  # running sequences per tenant
         self.preemptions = 0
+        self.prefix_queried_tokens = 0  # tokens of admitted sequences looked up in the cache
+        self.prefix_hit_tokens = 0  # of which found there (not computed again)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.push(seq)
@@ -108,6 +119,23 @@ class Scheduler:
         self._admit(chunks, budget)
         return chunks
 
+    def computed(self, chunks: list[ScheduledChunk]) -> None:
+        """After a step computed `chunks`: offers the blocks they filled to the prefix cache."""
+        allocator = self.kv.allocator
+        if not allocator.caching:
+            return
+        size = self.kv.block_size
+        for c in chunks:
+            seq = c.seq
+            full = seq.num_computed // size
+            if full <= seq.registered_blocks:
+                continue
+            seq.block_hashes = block_hashes(seq.tokens[:full * size], size, _adapter_key(seq),
+                                            seq.block_hashes)
+            for i in range(seq.registered_blocks, full):
+                allocator.register(seq.block_table[i], seq.block_hashes[i], _adapter_key(seq))
+            seq.registered_blocks = full
+
     def finish(self, seq: Sequence) -> None:
         """Frees a finished or cancelled sequence's blocks and adapter reference at once."""
         if seq.status is SeqStatus.RUNNING:
@@ -124,18 +152,26 @@ class Scheduler:
                 break
             if not self._may_start(seq, written):
                 continue  # stays waiting; later ones may start
-            n = min(seq.num_tokens, budget)
-            blocks = self.kv.blocks_needed(n)
-            if blocks > self.kv.allocator.num_free:  # memory is first come, first served
-                break
+            cached = self._cached_prefix(seq)
+            start = len(cached) * self.kv.block_size
+            n = min(seq.num_tokens - start, budget)
+            blocks = self.kv.blocks_needed(start + n) - len(cached)
+            if blocks + self.kv.allocator.unused(cached) > self.kv.allocator.num_free:
+                break  # memory is first come, first served
             self.waiting.remove(seq)
             writes_slot = False
             if seq.adapter is not None:
                 placement = self.slots.acquire(seq.adapter.key)
                 seq.slot, writes_slot = placement.slot, placement.needs_write
                 written += seq.adapter.weights.nbytes if writes_slot else 0
-            seq.block_table = self.kv.allocator.allocate(blocks)
-            seq.num_computed = 0
+            self.kv.allocator.take(cached)
+            seq.block_table = cached + self.kv.allocator.allocate(blocks)
+            seq.num_computed = start
+            seq.registered_blocks = len(cached)
+            if seq.cached_tokens is None:
+                seq.cached_tokens = start
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += start
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -144,6 +180,16 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, n, writes_slot))
             self.waiting.charge(tenant_of(seq), n)
             budget -= n
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks seq's tokens start with under its adapter version, leaving at
+        least its last token to compute."""
+        if not self.kv.allocator.caching:
+            return []
+        size = self.kv.block_size
+        seq.block_hashes = block_hashes(seq.tokens, size, _adapter_key(seq), seq.block_hashes)
+        usable = (seq.num_tokens - 1) // size
+        return self.kv.allocator.cached_prefix(seq.block_hashes[:usable])
 
     def _may_start(self, seq: Sequence, written: int) -> bool:
         """Whether seq's adapter limits let it start now (memory and budget aside)."""
@@ -191,6 +237,11 @@ class Scheduler:
             del self.running_counts[tenant]
         self.kv.allocator.free(seq.block_table)
         seq.block_table = []
+        seq.registered_blocks = 0
         if seq.adapter is not None and seq.slot >= 0:
             self.slots.release(seq.adapter.key)
         seq.slot = -1
+
+
+def _adapter_key(seq: Sequence):
+    return seq.adapter.key if seq.adapter is not None else None

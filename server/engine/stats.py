@@ -15,7 +15,8 @@ class EngineStats:
     running: int  # sequences in the running batch
     waiting: int  # sequences waiting for a place in it
     kv_blocks: int
-    kv_blocks_free: int
+    kv_blocks_free: int  # free, or cached for prefixes with no running sequence using them
+    kv_blocks_cached: int  # of those, cached
     slots_in_use: int  # adapter versions held in device slots (busy or idle)
     slot_adapters: frozenset[tuple[str, int]]  # (name, version) of each of them
     slot_loads: int  # slot writes so far (= slot misses)
@@ -24,6 +25,9 @@ class EngineStats:
     running_by_adapter: dict[str, int]  # running sequences per adapter ("" = the base model)
     waiting_by_adapter: dict[str, int]
     preemptions: int
+    prefix_queried_tokens: int  # tokens of admitted sequences looked up in the prefix cache
+    prefix_hit_tokens: int  # of which found there
+    prefix_evictions: int  # cached blocks reclaimed for new content
     steps: int  # model steps run so far
     generated_tokens: int  # tokens sampled so far, over all requests
 
@@ -47,9 +51,13 @@ class EngineStats:
         return EngineStats(
             running=len(scheduler.running), waiting=len(scheduler.waiting),
             kv_blocks=kv.num_blocks, kv_blocks_free=kv.allocator.num_free,
+            kv_blocks_cached=kv.allocator.num_cached,
             slots_in_use=len(slots.slot_of),
             slot_adapters=frozenset((key.name, key.version) for key in slots.slot_of),
             slot_loads=slots.loads, slot_hits=slots.hits,
             slot_evictions=slots.evictions, running_by_adapter=dict(scheduler.running_counts),
             waiting_by_adapter=dict(scheduler.waiting.counts),
-            preemptions=scheduler.preemptions, steps=steps, generated_tokens=generated_tokens)
+            preemptions=scheduler.preemptions,
+            prefix_queried_tokens=scheduler.prefix_queried_tokens,
+            prefix_hit_tokens=scheduler.prefix_hit_tokens,
+            prefix_evictions=kv.allocator.evictions, steps=steps, generated_tokens=generated_tokens)
