@@ -58,6 +58,7 @@ class GenerateResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[float]  # one per token id when requested, else empty
+    cached_prompt_tokens: int = 0  # of prompt_tokens, found in the server's prefix cache
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class StreamDelta:
     finish_reason: str | None = None  # set on the last delta
     prompt_tokens: int | None = None  # usage: set on the last delta
     completion_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def generate_result(response: inference_pb2.GenerateResponse) -> GenerateResult:
         text=response.text, token_ids=list(response.token_ids),
         finish_reason=_finish_reason(response.finish_reason),
         prompt_tokens=response.usage.prompt_tokens,
-        completion_tokens=response.usage.completion_tokens, logprobs=list(response.logprobs))
+        completion_tokens=response.usage.completion_tokens, logprobs=list(response.logprobs),
+        cached_prompt_tokens=response.usage.cached_prompt_tokens)
 
 
 def stream_delta(response: inference_pb2.GenerateResponse) -> StreamDelta:
@@ -127,7 +130,8 @@ def stream_delta(response: inference_pb2.GenerateResponse) -> StreamDelta:
         text=response.text, token_ids=list(response.token_ids), logprobs=list(response.logprobs),
         finish_reason=_finish_reason(response.finish_reason),
         prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None)
+        completion_tokens=usage.completion_tokens if usage else None,
+        cached_prompt_tokens=usage.cached_prompt_tokens if usage else None)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,24 @@ def test_a_streamed_completion_concatenates_to_the_whole_one(api, grpc_client):
     assert all(c.choices and c.usage is None for c in plain)
 
 
+def test_usage_reports_the_prompt_tokens_found_in_the_prefix_cache(api, grpc_client):
+    """A prompt sent again finds its full KV blocks (16 tokens each) in the prefix cache: the
+    usage says how many prompt tokens were not computed, on HTTP and gRPC alike."""
+    prompt = " ".join(f"word{i}" for i in range(40))  # well over two blocks
+    first = api.completions.create(model="attn-r8", prompt=prompt, max_tokens=2, temperature=0)
+    again = api.completions.create(model="attn-r8", prompt=prompt, max_tokens=2, temperature=0)
+    prompt_tokens = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16 > 0
+    assert again.choices[0].text == first.choices[0].text
+    over_grpc = grpc_client.generate(prompt, adapter="attn-r8", max_new_tokens=2, temperature=0)
+    assert over_grpc.cached_prompt_tokens == again.usage.prompt_tokens_details.cached_tokens
+    chat = [{"role": "user", "content": prompt}]
+    api.chat.completions.create(model="attn-r8", messages=chat, max_tokens=2)
+    reply = api.chat.completions.create(model="attn-r8", messages=chat, max_tokens=2)
+    assert reply.usage.prompt_tokens_details.cached_tokens > 0
+
+
 def test_sampling_parameters_mean_what_they_mean_in_grpc(api, grpc_client):
     sampled = dict(max_tokens=20, temperature=0.9, top_p=0.95, seed=7)
     reply = api.completions.create(model="attn-r8", prompt=PROMPT, **sampled)

@@ -105,6 +105,20 @@ def test_counters_and_histograms_count_exactly_what_was_served(served):
     assert value("loraplex_serving_bytes") > value("loraplex_base_model_bytes")
 
 
+def test_prefix_cache_series_count_the_prompt_tokens_found(served):
+    stub, registry = served
+    value = registry.get_sample_value
+    prompt = list(range(1, 21))  # one full block of 16, and 4 tokens
+    stub.Generate(greedy(prompt, "a4", 2))
+    stub.Generate(greedy(prompt, "a4", 2))
+    assert value("loraplex_prefix_cache_queries_total") == 2 * 20
+    assert value("loraplex_prefix_cache_hits_total") == 16
+    assert value("loraplex_prefix_cache_hit_ratio") == 16 / 40
+    assert value("loraplex_prefix_cache_blocks") >= 1  # kept, with no sequence running
+    assert value("loraplex_prefix_cache_evictions_total") == 0
+    assert value("loraplex_kv_cache_usage_ratio") == 0  # cached blocks count as free
+
+
 def test_per_adapter_gauges_show_who_runs_and_who_waits(tiny_model_dir, tiny_adapter_dirs):
     core = make_core(tiny_model_dir, {"a8": tiny_adapter_dirs["all-r8"],
                                       "a4": tiny_adapter_dirs["attn-r4"]}, max_batch_size=1)
@@ -159,7 +173,8 @@ def test_one_json_log_line_per_request(metrics_server):
                                                 "attn-r4"]
     for r in requests:
         assert r["outcome"] == "length" and r["completion_tokens"] == 3
-        assert r["prompt_tokens"] > 0 and 0 <= r["queue_ms"] <= r["ttft_ms"] <= r["total_ms"]
+        assert r["prompt_tokens"] > 0 and r["cached_tokens"] >= 0
+        assert 0 <= r["queue_ms"] <= r["ttft_ms"] <= r["total_ms"]
         assert r["message"].startswith(f"request {r['request_id']} adapter=")
 
 

@@ -43,7 +43,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             text=result.text, token_ids=result.token_ids,
             finish_reason=FINISH_REASONS[result.finish_reason],
             usage=inference_pb2.Usage(prompt_tokens=result.prompt_tokens,
-                                      completion_tokens=result.completion_tokens),
+                                      completion_tokens=result.completion_tokens,
+                                      cached_prompt_tokens=result.cached_tokens),
             logprobs=result.logprobs)
 
     async def GenerateStream(self, request, context):
@@ -54,6 +55,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 message.finish_reason = FINISH_REASONS[out.finish_reason]
                 message.usage.prompt_tokens = out.prompt_tokens
                 message.usage.completion_tokens = out.completion_tokens
+                message.usage.cached_prompt_tokens = out.cached_tokens
             yield message
 
     async def Tokenize(self, request, context):

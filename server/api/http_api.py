@@ -370,7 +370,8 @@ def _chat_logprobs(tokenizer, ids: list[int], lps: list[float]) -> dict:
 
 def _usage(r) -> dict:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}
+            "total_tokens": r.prompt_tokens + r.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
 
 
 def _include_usage(body: _Sampling) -> bool:

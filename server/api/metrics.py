@@ -170,17 +170,41 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("loraplex_num_requests_waiting",
                                 "Sequences waiting for the running batch.", value=stats.waiting)
         yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio",
-                                "Fraction of KV-cache blocks in use (0-1).", value=stats.kv_usage)
+                                "Fraction of KV-cache blocks in use by running sequences (0-1); "
+                                "cached blocks no sequence uses count as free.",
+                                value=stats.kv_usage)
         yield CounterMetricFamily("loraplex_engine_steps", "Model steps the engine has run.",
                                   value=stats.steps)
         yield CounterMetricFamily("loraplex_engine_sampled_tokens",
                                   "Tokens sampled by the engine, counted at every step.",
                                   value=stats.generated_tokens)
+        yield from _prefix_cache_series(stats)
         yield from _per_adapter_series(stats)
         yield from _cost_series(ready.cost, registry)
         yield from _tier_series(stats, registry)
         if self.vllm_metrics:
             yield from _vllm_series(stats, ready.core.config.max_slots)
+
+
+def _prefix_cache_series(stats: EngineStats):
+    """What the prefix cache saves: prompt tokens looked up and found (so not computed), the
+    hit ratio, cached blocks that no sequence uses (reclaimable), and reclaims."""
+    yield CounterMetricFamily("loraplex_prefix_cache_queries",
+                              "Tokens of admitted sequences looked up in the prefix cache.",
+                              value=stats.prefix_queried_tokens)
+    yield CounterMetricFamily("loraplex_prefix_cache_hits",
+                              "Tokens found in the prefix cache (not computed again).",
+                              value=stats.prefix_hit_tokens)
+    ratio = stats.prefix_hit_tokens / stats.prefix_queried_tokens if stats.prefix_queried_tokens else 0.0
+    yield GaugeMetricFamily("loraplex_prefix_cache_hit_ratio",
+                            "Hits over queries since the start (0-1).", value=ratio)
+    yield GaugeMetricFamily("loraplex_prefix_cache_blocks",
+                            "KV-cache blocks kept for the prefix cache that no running sequence "
+                            "uses: reclaimable, so they count as free.",
+                            value=stats.kv_blocks_cached)
+    yield CounterMetricFamily("loraplex_prefix_cache_evictions",
+                              "Cached KV blocks reclaimed for new content.",
+                              value=stats.prefix_evictions)
 
 
 def _per_adapter_series(stats: EngineStats):

@@ -18,6 +18,7 @@ def log_request(record: RequestRecord) -> None:
     fields = {"request_id": record.request_id, "adapter": record.adapter or "",
               "outcome": outcome(record), "prompt_tokens": record.prompt_tokens,
               "completion_tokens": record.completion_tokens,
+              "cached_tokens": record.cached_tokens,
               "queue_ms": _ms(record.queue_seconds), "ttft_ms": _ms(record.ttft_seconds),
               "total_ms": _ms(record.e2e_seconds)}
     text = " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items()

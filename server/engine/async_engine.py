@@ -45,6 +45,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RequestRecord:
     refusal: ErrorKind | None = None  # why it was refused (None with no finish reason: a bug)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
     queue_seconds: float | None = None  # arrival in the engine to first scheduled
     ttft_seconds: float | None = None  # submission (lease wait included) to first token
     e2e_seconds: float = 0.0  # submission to the end
@@ -108,7 +110,8 @@ class Engine:
             last = out
         return GenerationResult(text="".join(text), token_ids=ids, finish_reason=last.finish_reason,
                                 prompt_tokens=last.prompt_tokens,
-                                completion_tokens=last.completion_tokens, logprobs=logprobs)
+                                completion_tokens=last.completion_tokens, logprobs=logprobs,
+                                cached_tokens=last.cached_tokens)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Yields one RequestOutput per generated token; the last has `finished` set.
@@ -206,9 +209,9 @@ class Engine:
                 log.exception("engine step failed; cancelling running requests")
                 self._fail_all()
                 continue
+            self.stats = self.core.stats()  # first: a caller that has its answer sees it counted
             for out in outputs:
                 self._emit(out)
-            self.stats = self.core.stats()
         self._fail_all()
         self.stats = self.core.stats()
 
@@ -250,7 +253,7 @@ class Engine:
         self.observer(RequestRecord(
             last.request_id, tracked.adapter, last.finish_reason,
             prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-            queue_seconds=last.queue_seconds,
+            cached_tokens=last.cached_tokens, queue_seconds=last.queue_seconds,
             ttft_seconds=times[0] - tracked.submitted if times else None,
             e2e_seconds=time.monotonic() - tracked.submitted,
             token_gaps=[b - a for a, b in zip(times, times[1:])]))
