@@ -82,7 +82,7 @@ def test_repetition_penalty_matches_transformers():
     logits = torch.randn(3, 50)
     seen = [[1, 2, 3, 3], [0, 49], [7]]
     rows = [SampleRow(SamplingParams(repetition_penalty=1.3), None, len(s), s) for s in seen]
-    tokens, _ = sample(logits, rows)
+    tokens = [d.token for d in sample(logits, rows)]
     for i, s in enumerate(seen):
         want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([s]), logits[i:i + 1].clone())
         assert tokens[i] == int(want.argmax())
@@ -93,7 +93,7 @@ def test_top_k_and_top_p_restrict_the_candidates():
     def draws(**params):
         rows = [SampleRow(SamplingParams(temperature=5.0, **params), 0, position, None)
                 for position in range(300)]
-        return set(sample(logits.expand(300, -1), rows)[0])
+        return {d.token for d in sample(logits.expand(300, -1), rows)}
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=1e-6) == {0}
     assert draws() == set(range(6))
@@ -106,10 +106,10 @@ def test_draws_follow_the_distribution_and_depend_on_seed_and_position_only():
     want = torch.softmax(logits, -1)
     rows = [SampleRow(SamplingParams(temperature=1.0), 7, position, None)
             for position in range(6000)]
-    tokens, _ = sample(logits.expand(6000, -1).clone(), rows)
+    tokens = [d.token for d in sample(logits.expand(6000, -1).clone(), rows)]
     freq = torch.bincount(torch.tensor(tokens), minlength=5) / 6000
     assert (freq - want).abs().max() < 0.025, (freq, want)
-    alone, _ = sample(logits[None].clone(), [rows[123]])
+    alone = [d.token for d in sample(logits[None].clone(), [rows[123]])]
     assert alone == [tokens[123]]
     assert uniform(7, 123) != uniform(8, 123) and uniform(7, 123) != uniform(7, 124)
     assert all(0 < uniform(seed, p) < 1 for seed in (0, 2**63 - 1) for p in (0, 10**6))

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc
 from server.engine import core as engine_core
+from server.engine.sampler import Sampled
 from tests.engine_helpers import make_core
 from tests.inprocess_server import serving
 
@@ -37,12 +38,11 @@ def server(tiny_model_dir):
     positions: dict[int, Iterator[int]] = {}
     real_sample = engine_core.sample
 
-    def scripted_sample(logits: torch.Tensor, rows):
+    def scripted_sample(logits: torch.Tensor, rows, mask=None):
         if not all(row.params.seed in scripts for row in rows):
-            return real_sample(logits, rows)
-        tokens = [next(positions.setdefault(row.params.seed, iter(scripts[row.params.seed])))
-                  for row in rows]
-        return tokens, [None] * len(rows)
+            return real_sample(logits, rows, mask)
+        return [Sampled(next(positions.setdefault(row.params.seed, iter(scripts[row.params.seed]))))
+                for row in rows]
 
     engine_core.sample = scripted_sample
     try:

@@ -34,9 +34,10 @@ from server.engine.adapter_slots import AdapterSlots
 from server.engine.admission import BASE_TENANT, make_waiting_queue
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
-from server.engine.sampler import SampleRow, SamplingParams, sample
+from server.engine.sampler import Mask, SampleRow, Sampled, SamplingParams, sample
 from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.engine.stats import EngineStats
+from server.engine.structured import Grammars, fill_bitmask, new_matcher
 from server.errors import ConfigError, InvalidRequest, Overloaded
 from server.lora.layer import LoraContext, wrap_lora_targets
 from server.lora.op import select_kernel
@@ -71,6 +72,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     adapter_id: str | None
     params: SamplingParams
+    grammar: object | None = None  # the compiled structured-output constraint
 
 
 @dataclass
@@ -82,6 +84,8 @@ class RequestOutput:
     new_text: str
     new_logprobs: list[float]
     finished: bool = False
+    # per new token, when asked: the most likely (token id, log-probability), most likely first
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -130,6 +134,7 @@ class EngineCore:
         # CUDA: adapter slot writes from pinned host memory on their own stream (_write_slot)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         self.eos_ids = _eos_token_ids(model)
+        self.grammars = Grammars(self.tokenizer, model.spec.vocab_size, self.eos_ids)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
         self.steps = 0  # model steps run
@@ -179,7 +184,10 @@ class EngineCore:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                                  f"({params.max_new_tokens}) exceeds the maximum sequence length "
                                  f"{self.max_model_len}")
-        return PreparedRequest(prompt_ids, request.adapter_id or None, params)
+        grammar = None
+        if params.structured is not None:  # compiled here, on the caller's thread
+            grammar = self.grammars.compile(params.structured)
+        return PreparedRequest(prompt_ids, request.adapter_id or None, params, grammar)
 
     def add_prepared(self, prepared: PreparedRequest, request_id: str | None = None,
                      adapter: AdapterLease | None = None) -> str:
@@ -201,6 +209,8 @@ class EngineCore:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(request_id=request_id, prompt_ids=prepared.prompt_ids, params=params,
                        adapter=adapter, seed=seed)
+        if prepared.grammar is not None:
+            seq.matcher = new_matcher(prepared.grammar)
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
         return request_id
@@ -304,11 +314,19 @@ class EngineCore:
         self.scheduler.computed(scheduled)  # before sampling ends (and frees) any of them
         if self.logits_observer is not None:
             self.logits_observer([seq.request_id for seq in sampling], logits)
-        tokens, logprobs = sample(logits, [_sample_row(seq) for seq in sampling])
+        draws = sample(logits, [_sample_row(seq) for seq in sampling],
+                       self._grammar_mask(sampling))
         self.steps += 1
-        self.generated_tokens += len(tokens)
-        return [self._append_token(seq, token, logprob)
-                for seq, token, logprob in zip(sampling, tokens, logprobs)]
+        self.generated_tokens += len(draws)
+        return [self._append_token(seq, draw) for seq, draw in zip(sampling, draws)]
+
+    def _grammar_mask(self, sampling: list[Sequence]) -> Mask | None:
+        """The tokens each constrained sequence's grammar allows next, by row."""
+        rows = [i for i, seq in enumerate(sampling) if seq.matcher is not None]
+        if not rows:
+            return None
+        bitmask = fill_bitmask([sampling[i].matcher for i in rows], self.grammars.vocab_size)
+        return bitmask, rows
 
     def _retire_changed_adapters(self) -> None:
         """Frees the device slots of replaced or deleted versions once no request uses them,
@@ -345,11 +363,14 @@ class EngineCore:
             self.layers.write(slot, weights)
         torch.cuda.current_stream().wait_stream(self._copy_stream)
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _append_token(self, seq: Sequence, draw: Sampled) -> RequestOutput:
         live = self._live[seq.request_id]
+        token, logprob = draw.token, draw.logprob
         seq.output_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            log.error("request %s: the grammar refused token %d it allowed", seq.request_id, token)
         reason = self._finish_reason(seq, token)
         text = "" if reason in (FinishReason.STOP, FinishReason.EOS) else live.detok.add(token)
         if reason is not None:
@@ -361,7 +382,10 @@ class EngineCore:
         if reason is not None:
             self._live.pop(seq.request_id)
             self._finish(seq)
-        return self._output(live, [token], text, new_logprobs, reason)
+        out = self._output(live, [token], text, new_logprobs, reason)
+        if seq.params.top_logprobs:
+            out.new_top_logprobs = [draw.top]
+        return out
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -369,6 +393,8 @@ class EngineCore:
             return FinishReason.STOP
         if token in self.eos_ids and not params.ignore_eos:
             return FinishReason.EOS
+        if seq.matcher is not None and seq.matcher.is_terminated():
+            return FinishReason.STOP  # the grammar is complete (with ignore_eos, or a stop id)
         if len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None

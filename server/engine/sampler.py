@@ -6,6 +6,10 @@ counter-based generator makes from the sequence's seed and the position of the t
 (`uniform(seed, position)`, a SplitMix64 hash, computed on the host): a sequence's tokens depend
 only on its own logits, seed and positions, never on what else shares the batch or on how many
 draws came before, and no device generator state exists to synchronise.
+
+Log-probabilities are the model's own (raw): from its logits before the repetition penalty, a
+structured-output mask (server/engine/structured.py), temperature, top-k and top-p, as vLLM
+reports them by default.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.structured import StructuredOutput, apply_bitmask
 from server.errors import InvalidRequest
 from server.host_to_device import upload
 
@@ -23,6 +28,7 @@ MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 PENALTY_RANGE = (1e-2, 1e2)
 MAX_STOP_STRING_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass
@@ -36,7 +42,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     repetition_penalty: float = 1.0  # HF/CTRL semantics over prompt and generated tokens
     logprobs: bool = False  # return the log-probability of each generated token
+    top_logprobs: int = 0  # and the N most likely tokens at each position, with theirs
     ignore_eos: bool = False
+    structured: StructuredOutput | None = None  # what the output must match
 
     @classmethod
     def given(cls, **fields) -> SamplingParams:
@@ -65,6 +73,14 @@ class SamplingParams:
             raise InvalidRequest(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters")
         if any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size})")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.structured is not None:
+            self.structured.validate()
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     @property
     def greedy(self) -> bool:
@@ -94,28 +110,53 @@ def uniform(seed: int, position: int) -> float:
     return ((z >> 11) + 0.5) / 2**53
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float | None]]:
-    """logits: [N, vocab] fp32 on any device, one row per sequence -> (token ids, logprobs or
-    None), read back with one device-to-host copy."""
+@dataclass
+class Sampled:
+    """One row's draw: the token, its log-probability and the most likely alternatives (token
+    id, log-probability), most likely first, when the row asked for them."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+Mask = tuple[torch.Tensor, list[int]]
+"""A structured-output bitmask ([rows, ceil(vocab / 32)] int32, host) and the logits rows its
+rows mask."""
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow], mask: Mask | None = None
+           ) -> list[Sampled]:
+    """logits: [N, vocab] fp32 on any device, one row per sequence (changed in place by a
+    mask) -> one draw per row, read back with one device-to-host copy."""
+    wanted = [i for i, row in enumerate(rows) if row.params.wants_logprobs]
+    raw = None
+    if wanted:  # before anything changes the logits
+        index = torch.tensor(wanted, device=logits.device)
+        raw = torch.log_softmax(logits.index_select(0, index), dim=-1)
     logits = _apply_repetition_penalty(logits, rows)
+    if mask is not None:
+        apply_bitmask(logits, *mask)
     tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep these
     for i, row in enumerate(rows):
         if not row.params.greedy:
             tokens[i] = _sample_row(logits[i], row)
-    packed = torch.zeros(len(rows), 2, dtype=torch.float64, device=logits.device)  # id, logprob
-    packed[:, 0] = tokens  # token ids are exact in fp64
-    wanted = [i for i, row in enumerate(rows) if row.params.logprobs]
+    top = max((row.params.top_logprobs for row in rows), default=0)
+    packed = torch.zeros(len(rows), 2 + 2 * top, dtype=torch.float64, device=logits.device)
+    packed[:, 0] = tokens  # [id, logprob, top ids..., top logprobs...]; ids are exact in fp64
     if wanted:
-        # Log-probabilities of the model's distribution (after the repetition penalty, before
-        # temperature, top-k and top-p), as OpenAI-style APIs report them.
-        index = torch.tensor(wanted, device=logits.device)
-        picked = torch.log_softmax(logits.index_select(0, index), dim=-1)
-        packed[index, 1] = picked.gather(1, tokens.index_select(0, index)[:, None])[:, 0].double()
+        packed[index, 1] = raw.gather(1, tokens.index_select(0, index)[:, None])[:, 0].double()
+        if top:
+            values, ids = raw.topk(top, dim=-1)
+            packed[index, 2:2 + top] = ids.double()
+            packed[index, 2 + top:] = values.double()
     host = packed.cpu().tolist()  # the step's one copy
-    logprobs: list[float | None] = [None] * len(rows)
+    draws = [Sampled(int(line[0])) for line in host]
     for i in wanted:
-        logprobs[i] = host[i][1]
-    return [int(token) for token, _ in host], logprobs
+        k = rows[i].params.top_logprobs
+        draws[i].logprob = host[i][1]
+        draws[i].top = [(int(t), lp) for t, lp in zip(host[i][2:2 + k], host[i][2 + top:2 + top + k])]
+    return draws
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

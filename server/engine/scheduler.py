@@ -61,6 +61,7 @@ class Sequence:
     cached_tokens: int | None = None  # prompt tokens the prefix cache held at first admission
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far
     registered_blocks: int = 0  # leading blocks of block_table offered to the prefix cache
+    matcher: object | None = None  # structured output: the grammar's state over output_ids
 
     @property
     def tokens(self) -> list[int]:
