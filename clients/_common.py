@@ -6,10 +6,11 @@ Imports only grpc, protobuf and the generated stubs: a client machine needs no t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -59,6 +60,8 @@ class GenerateResult:
     completion_tokens: int
     logprobs: list[float]  # one per token id when requested, else empty
     cached_prompt_tokens: int = 0  # of prompt_tokens, found in the server's prefix cache
+    # per token, with top_logprobs: the most likely (token id, logprob), most likely first
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class StreamDelta:
     prompt_tokens: int | None = None  # usage: set on the last delta
     completion_tokens: int | None = None
     cached_prompt_tokens: int | None = None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def _finish_reason(value: int) -> str | None:
 
 def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
                      adapter: str | None, logprobs: bool, chat: bool = False,
+                     top_logprobs: int = 0, structured_output: dict | None = None,
                      **params) -> inference_pb2.GenerateRequest:
     """`params` are SamplingParams fields; only those not None are set, and `params` itself only
     when one is, so the server's defaults apply to everything the caller left out. `chat`: the
@@ -106,7 +111,10 @@ def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
     messages = [inference_pb2.ChatMessage(role="user", content=prompt)] if chat else ()
     request = inference_pb2.GenerateRequest(
         prompt="" if chat else prompt or "", prompt_token_ids=prompt_token_ids or (),
-        messages=messages, adapter_id=adapter or "", return_logprobs=logprobs)
+        messages=messages, adapter_id=adapter or "", return_logprobs=logprobs or top_logprobs > 0,
+        top_logprobs=top_logprobs)
+    if structured_output is not None:
+        request.structured_output.CopyFrom(_structured_output(structured_output))
     given = {key: value for key, value in params.items() if value is not None}
     if isinstance(given.get("stop"), str):
         given["stop"] = [given["stop"]]
@@ -115,13 +123,31 @@ def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
     return request
 
 
+def _structured_output(spec: dict) -> inference_pb2.StructuredOutput:
+    """{"json_schema": schema (a dict or its text)} | {"json_object": True} | {"regex": str} |
+    {"choice": [str, ...]} | {"grammar": EBNF text}."""
+    if len(spec) != 1:
+        raise ValueError("structured_output names one of json_schema, json_object, regex, "
+                         "choice, grammar")
+    (kind, value), = spec.items()
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    if kind == "choice":
+        return inference_pb2.StructuredOutput(choice=inference_pb2.Choices(choices=list(value)))
+    return inference_pb2.StructuredOutput(**{kind: value})
+
+
+def _top(response: inference_pb2.GenerateResponse) -> list[list[tuple[int, float]]]:
+    return [list(zip(t.token_ids, t.logprobs)) for t in response.top_logprobs]
+
+
 def generate_result(response: inference_pb2.GenerateResponse) -> GenerateResult:
     return GenerateResult(
         text=response.text, token_ids=list(response.token_ids),
         finish_reason=_finish_reason(response.finish_reason),
         prompt_tokens=response.usage.prompt_tokens,
         completion_tokens=response.usage.completion_tokens, logprobs=list(response.logprobs),
-        cached_prompt_tokens=response.usage.cached_prompt_tokens)
+        cached_prompt_tokens=response.usage.cached_prompt_tokens, top_logprobs=_top(response))
 
 
 def stream_delta(response: inference_pb2.GenerateResponse) -> StreamDelta:
@@ -131,7 +157,8 @@ def stream_delta(response: inference_pb2.GenerateResponse) -> StreamDelta:
         finish_reason=_finish_reason(response.finish_reason),
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
-        cached_prompt_tokens=usage.cached_prompt_tokens if usage else None)
+        cached_prompt_tokens=usage.cached_prompt_tokens if usage else None,
+        top_logprobs=_top(response))
 
 
 @dataclass(frozen=True)

@@ -57,11 +57,13 @@ class LoraplexClient:
                  stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None,
                  repetition_penalty: float | None = None, ignore_eos: bool | None = None,
-                 logprobs: bool = False,
+                 logprobs: bool = False, top_logprobs: int = 0,
+                 structured_output: dict | None = None,
                  chat: bool = False, timeout: float | None = None) -> GenerateResult:
         """A whole completion. Sampling parameters left None take the server's defaults."""
         request = generate_request(
-            prompt, prompt_token_ids, adapter, logprobs, chat, max_new_tokens=max_new_tokens,
+            prompt, prompt_token_ids, adapter, logprobs, chat, top_logprobs, structured_output,
+            max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
             ignore_eos=ignore_eos)
@@ -78,12 +80,14 @@ class LoraplexClient:
                stop: str | Sequence[str] | None = None,
                stop_token_ids: Sequence[int] | None = None,
                repetition_penalty: float | None = None, ignore_eos: bool | None = None,
-               logprobs: bool = False,
+               logprobs: bool = False, top_logprobs: int = 0,
+               structured_output: dict | None = None,
                chat: bool = False, timeout: float | None = None) -> Iterator[StreamDelta]:
         """Deltas as they are produced; the last carries finish_reason and usage. Closing the
         iterator, or dropping it as leaving a for loop early does, cancels the request."""
         request = generate_request(
-            prompt, prompt_token_ids, adapter, logprobs, chat, max_new_tokens=max_new_tokens,
+            prompt, prompt_token_ids, adapter, logprobs, chat, top_logprobs, structured_output,
+            max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
             ignore_eos=ignore_eos)

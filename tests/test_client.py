@@ -284,7 +284,7 @@ def test_stream_yields_deltas_and_the_last_carries_finish_reason_and_usage(clien
         StreamDelta("Hel", [1], [pytest.approx(-0.1)]),
         StreamDelta("lo", [2], [pytest.approx(-0.2)]),
         StreamDelta(" world", [3], [pytest.approx(-0.3)], finish_reason="length",
-                    prompt_tokens=4, completion_tokens=3),
+                    prompt_tokens=4, completion_tokens=3, cached_prompt_tokens=0),
     ]
 
 

@@ -272,8 +272,8 @@ def test_an_unknown_model_is_404_model_not_found(api, demo_server):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(top_p=5), dict(max_tokens=0), dict(n=2), dict(temperature=-1), dict(seed=-1),
-    dict(prompt=["two", "prompts"]), dict(echo=True), dict(logit_bias={"5": 1}),
+    dict(top_p=5), dict(max_tokens=0), dict(n=17), dict(temperature=-1), dict(seed=-1),
+    dict(prompt=["two", "prompts"]), dict(echo=True, logprobs=1), dict(logit_bias={"5": 1}),
     dict(presence_penalty=0.5), dict(stop=[""]), dict(stream=True, top_p=5),
     dict(max_tokens=5000),
 ])
@@ -286,7 +286,7 @@ def test_bad_completion_parameters_are_400(api, bad):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(messages=[]), dict(n=3), dict(max_completion_tokens=0), dict(top_p=0),
+    dict(messages=[]), dict(n=0), dict(max_completion_tokens=0), dict(top_p=0),
     dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
     dict(tools=[{"type": "function", "function": {"name": "f"}}]),
 ])

@@ -20,6 +20,8 @@ from server.api.auth import AuthInterceptor
 from server.api.grpc_errors import ErrorInterceptor
 from server.engine.core import FinishReason, GenerationRequest
 from server.engine.sampler import SamplingParams
+from server.engine.structured import StructuredOutput
+from server.errors import InvalidRequest
 from server.serving import Backend, Tokens
 
 PENDING_CALLS = 100_000
@@ -45,12 +47,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             usage=inference_pb2.Usage(prompt_tokens=result.prompt_tokens,
                                       completion_tokens=result.completion_tokens,
                                       cached_prompt_tokens=result.cached_tokens),
-            logprobs=result.logprobs)
+            logprobs=result.logprobs, top_logprobs=_top_logprobs(result.top_logprobs))
 
     async def GenerateStream(self, request, context):
         async for out in self.backend.ready().engine.stream(to_generation_request(request)):
             message = inference_pb2.GenerateResponse(
-                text=out.new_text, token_ids=out.new_token_ids, logprobs=out.new_logprobs)
+                text=out.new_text, token_ids=out.new_token_ids, logprobs=out.new_logprobs,
+                top_logprobs=_top_logprobs(out.new_top_logprobs))
             if out.finished:
                 message.finish_reason = FINISH_REASONS[out.finish_reason]
                 message.usage.prompt_tokens = out.prompt_tokens
@@ -78,6 +81,26 @@ def _token_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
+def _top_logprobs(per_token: list[list[tuple[int, float]]]) -> list[inference_pb2.TopLogprobs]:
+    return [inference_pb2.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+            for top in per_token]
+
+
+def _structured(request: inference_pb2.GenerateRequest) -> StructuredOutput | None:
+    if not request.HasField("structured_output"):
+        return None
+    constraint = request.structured_output
+    kind = constraint.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("structured_output names no kind (json_schema, json_object, "
+                             "regex, choice or grammar)")
+    if kind == "choice":
+        return StructuredOutput(kind, tuple(constraint.choice.choices))
+    if kind == "json_object":
+        return StructuredOutput(kind) if constraint.json_object else None
+    return StructuredOutput(kind, getattr(constraint, kind))
+
+
 def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationRequest:
     """Maps the wire message to the engine's request: an unset field (proto3's zero, or an
     optional field not present) means the default."""
@@ -91,7 +114,8 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
         top_p=optional("top_p"), top_k=p.top_k, seed=optional("seed"), stop=list(p.stop),
         stop_token_ids=list(p.stop_token_ids),
         repetition_penalty=optional("repetition_penalty"), ignore_eos=p.ignore_eos,
-        logprobs=request.return_logprobs)
+        logprobs=request.return_logprobs, top_logprobs=request.top_logprobs,
+        structured=_structured(request))
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     return GenerationRequest(prompt=request.prompt or None,
                              prompt_token_ids=list(request.prompt_token_ids) or None,

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from adapters_registry.store import InvalidNameError
+from server.api.openai_fields import chat_logprobs, completion_logprobs, structured_output
 from server.api.web import add_web_routes
 from server.engine.async_engine import Engine
 from server.engine.core import FinishReason, GenerationRequest, RequestOutput
@@ -57,13 +58,13 @@ HTTP_ERRORS = {
 OPENAI_FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",
                   FinishReason.EOS: "stop"}
 # OpenAI fields loraplex cannot honour -> the values meaning "not used" (None always does).
-UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},),
+UNSUPPORTED = {"suffix": ("",), "logit_bias": ({},),
                "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
                "functions": ([],), "tool_choice": ("none", "auto"),
-               "function_call": ("none", "auto"), "response_format": ({"type": "text"},)}
+               "function_call": ("none", "auto")}
 OPENAI_TEMPERATURE = 1.0  # the OpenAI API's default; the gRPC API's is 0 (greedy)
 COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
-MIN_LOGPROB = -9999.0  # -inf is not JSON
+MAX_CHOICES = 16  # n
 DRAIN_FACTOR = 4  # a body over the limit is read and dropped up to this many times the limit
 
 
@@ -94,7 +95,8 @@ class _Sampling(BaseModel):
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    best_of: int | None = None  # only = n
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Extensions with vLLM's names (`extra_body` in the openai SDK).
@@ -107,7 +109,8 @@ class _Sampling(BaseModel):
 class CompletionBody(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)  # None: COMPLETION_MAX_TOKENS
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)  # and this many alternatives per token
+    echo: bool | None = False  # the prompt's text before the completion's
 
 
 class ContentPart(BaseModel):
@@ -155,75 +158,93 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
     async def completions(request: Request):
         body = await _read_body(request, CompletionBody, backend, max_body_bytes)
         engine, adapter = _resolve(backend, body)
-        logprobs = body.logprobs is not None
-        params = _sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS, logprobs)
-        gen = GenerationRequest(**_prompt(body.prompt), adapter_id=adapter, params=params)
+        wants_logprobs = body.logprobs is not None
+        if body.echo and wants_logprobs:
+            raise ApiError(400, "echo with logprobs asks for the prompt's log-probabilities, "
+                                "which loraplex does not compute", param="echo",
+                           code="unsupported_parameter")
+        params = _sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS, wants_logprobs,
+                           body.logprobs or 0)
+        prompt = _prompt(body.prompt)
+        gens = [GenerationRequest(**prompt, adapter_id=adapter, params=p)
+                for p in _choice_params(params, body.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model}
         tokenizer = engine.core.tokenizer
+        echo = _prompt_text(tokenizer, prompt) if body.echo else ""
+        offsets = [len(echo)] * len(gens)  # text_offset so far, per choice
 
-        def choice(text, ids, lps, finish):
-            return {"index": 0, "text": text, "finish_reason": finish and OPENAI_FINISH_REASONS[finish],
-                    "logprobs": _completion_logprobs(tokenizer, ids, lps) if logprobs else None}
+        def choice(index, text, ids, lps, tops, finish):
+            lp = None
+            if wants_logprobs:
+                lp = completion_logprobs(tokenizer, ids, lps, tops if body.logprobs else None,
+                                         offsets[index])
+                offsets[index] += sum(len(t) for t in lp["tokens"])
+            return {"index": index, "text": text, "logprobs": lp,
+                    "finish_reason": finish and OPENAI_FINISH_REASONS[finish]}
 
         if not body.stream:
-            with _model_errors(body.model, engine):
-                r = await _unless_disconnected(request, engine.generate(gen))
-            _check_finished(r.finish_reason)
-            return {**head, "choices": [choice(r.text, r.token_ids, r.logprobs, r.finish_reason)],
-                    "usage": _usage(r)}
+            results = await _generate_all(request, engine, gens, body.model)
+            return {**head, "usage": _usage(results), "choices": [
+                choice(i, echo + r.text, r.token_ids, r.logprobs, r.top_logprobs,
+                       r.finish_reason) for i, r in enumerate(results)]}
 
-        def chunks(out: RequestOutput) -> Iterator[dict]:
-            c = choice(out.new_text, out.new_token_ids, out.new_logprobs, out.finish_reason)
-            yield {**head, "choices": [c], **_usage_field(body)}
-            if out.finished and _include_usage(body):
-                yield {**head, "choices": [], "usage": _usage(out)}
+        echoed = set()
 
-        return await _event_stream(request, engine, gen, body.model, chunks)
+        def chunks(index: int, out: RequestOutput) -> Iterator[dict]:
+            text = out.new_text if index in echoed else echo + out.new_text
+            echoed.add(index)
+            yield {**head, "choices": [choice(index, text, out.new_token_ids, out.new_logprobs,
+                                              out.new_top_logprobs, out.finish_reason)],
+                   **_usage_field(body)}
+
+        return await _event_stream(request, engine, gens, body, head, chunks)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_body(request, ChatBody, backend, max_body_bytes)
         engine, adapter = _resolve(backend, body)
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = _chat_messages(engine.core.tokenizer, body.messages)
         # No max tokens given: up to the context length (None), once the engine has rendered
         # the conversation on a preparation thread.
         params = _sampling(body, body.max_completion_tokens or body.max_tokens,
-                           bool(body.logprobs))
-        gen = GenerationRequest(messages=messages, adapter_id=adapter, params=params)
+                           bool(body.logprobs), body.top_logprobs or 0)
+        gens = [GenerationRequest(messages=messages, adapter_id=adapter, params=p)
+                for p in _choice_params(params, body.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body.model}
         tokenizer = engine.core.tokenizer
 
-        def logprobs(token_ids, lps):
-            return _chat_logprobs(tokenizer, token_ids, lps) if body.logprobs else None
+        def logprobs(token_ids, lps, tops):
+            if not body.logprobs:
+                return None
+            return chat_logprobs(tokenizer, token_ids, lps, tops if body.top_logprobs else None)
 
         if not body.stream:
-            with _model_errors(body.model, engine):
-                r = await _unless_disconnected(request, engine.generate(gen))
-            _check_finished(r.finish_reason)
-            return {**head, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": r.text},
-                "logprobs": logprobs(r.token_ids, r.logprobs),
-                "finish_reason": OPENAI_FINISH_REASONS[r.finish_reason]}], "usage": _usage(r)}
+            results = await _generate_all(request, engine, gens, body.model)
+            return {**head, "object": "chat.completion", "usage": _usage(results), "choices": [{
+                "index": i, "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs(r.token_ids, r.logprobs, r.top_logprobs),
+                "finish_reason": OPENAI_FINISH_REASONS[r.finish_reason]}
+                for i, r in enumerate(results)]}
 
         head["object"] = "chat.completion.chunk"
-        first = True
+        started = set()
 
-        def chunks(out: RequestOutput) -> Iterator[dict]:
-            nonlocal first
-            delta = {"role": "assistant", "content": out.new_text} if first else {
-                "content": out.new_text}
-            first = False
+        def chunks(index: int, out: RequestOutput) -> Iterator[dict]:
+            delta = {"content": out.new_text}
+            if index not in started:
+                delta = {"role": "assistant", **delta}
+                started.add(index)
             yield {**head, "choices": [{
-                "index": 0, "delta": delta,
-                "logprobs": logprobs(out.new_token_ids, out.new_logprobs),
+                "index": index, "delta": delta,
+                "logprobs": logprobs(out.new_token_ids, out.new_logprobs, out.new_top_logprobs),
                 "finish_reason": out.finish_reason and OPENAI_FINISH_REASONS[out.finish_reason]}],
                 **_usage_field(body)}
-            if out.finished and _include_usage(body):
-                yield {**head, "choices": [], "usage": _usage(out)}
 
-        return await _event_stream(request, engine, gen, body.model, chunks)
+        return await _event_stream(request, engine, gens, body, head, chunks)
 
     app.include_router(v1)
 
@@ -253,9 +274,9 @@ def _resolve(backend: Backend, body: _Sampling) -> tuple[Engine, str | None]:
     """The engine, and the adapter `body.model` names (None: the base model); refuses what
     loraplex does not support."""
     engine = backend.ready().engine
-    if body.n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported: one choice per request", param="n",
-                       code="unsupported_parameter")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise ApiError(400, "best_of must equal n: loraplex returns every sequence it "
+                            "generates", param="best_of", code="unsupported_parameter")
     for name, value in (body.model_extra or {}).items():
         if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
             raise ApiError(400, f"{name} is not supported by loraplex", param=name,
@@ -330,7 +351,8 @@ def _chat_messages(tokenizer, messages: list[ChatMessage]) -> list[dict]:
     return rendered
 
 
-def _sampling(body: _Sampling, max_tokens: int | None, logprobs: bool) -> SamplingParams:
+def _sampling(body: _Sampling, max_tokens: int | None, logprobs: bool,
+              top_logprobs: int) -> SamplingParams:
     """max_tokens None: as many as the context length leaves."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     params = SamplingParams.given(
@@ -338,8 +360,24 @@ def _sampling(body: _Sampling, max_tokens: int | None, logprobs: bool) -> Sampli
         temperature=OPENAI_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
         stop_token_ids=body.stop_token_ids, repetition_penalty=body.repetition_penalty,
-        logprobs=logprobs, ignore_eos=body.ignore_eos)
+        logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=body.ignore_eos,
+        structured=structured_output({**(body.model_extra or {}), **body.model_dump()}))
     return params if max_tokens is not None else dataclasses.replace(params, max_new_tokens=None)
+
+
+def _choice_params(params: SamplingParams, n: int | None) -> list[SamplingParams]:
+    """One parameter set per choice: choice i samples with the request's seed + i (a seedless
+    request draws a fresh seed per choice)."""
+    if params.seed is None:
+        return [params] * (n or 1)
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n or 1)]
+
+
+def _prompt_text(tokenizer, prompt: dict) -> str:
+    """The prompt as text, for echo."""
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    return tokenizer.decode(prompt["prompt_token_ids"])
 
 
 def _check_finished(finish_reason: str) -> None:
@@ -348,30 +386,13 @@ def _check_finished(finish_reason: str) -> None:
                             "failure: see its log)", type="server_error", code="cancelled")
 
 
-def _token_texts(tokenizer, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([t]) for t in ids]
-
-
-def _completion_logprobs(tokenizer, ids: list[int], lps: list[float]) -> dict:
-    return {"tokens": _token_texts(tokenizer, ids),
-            "token_logprobs": [max(lp, MIN_LOGPROB) for lp in lps],
-            "top_logprobs": None, "text_offset": None}
-
-
-def _chat_logprobs(tokenizer, ids: list[int], lps: list[float]) -> dict:
-    content = []
-    for text, lp in zip(_token_texts(tokenizer, ids), lps):
-        # A token holding part of a UTF-8 character decodes to U+FFFD: its bytes are unknown.
-        content.append({"token": text, "logprob": max(lp, MIN_LOGPROB),
-                        "bytes": None if "\ufffd" in text else list(text.encode()),
-                        "top_logprobs": []})
-    return {"content": content}
-
-
-def _usage(r) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
+def _usage(results: list) -> dict:
+    """One request's usage, whatever its number of choices: the prompt counts once."""
+    prompt, cached = results[0].prompt_tokens, results[0].cached_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _include_usage(body: _Sampling) -> bool:
@@ -407,21 +428,107 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _event_stream(request: Request, engine: Engine, gen: GenerationRequest, model: str,
-                        chunks: Callable[[RequestOutput], Iterator[dict]]) -> StreamingResponse:
-    """Server-sent events: `chunks(output)` for each engine output, then `[DONE]`.
+async def _outputs(engine: Engine, gens: list[GenerationRequest]
+                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) of every generation as they come. The first choice's first
+    output comes before the others start: by then its prompt is in the prefix cache, and the
+    others compute only what the cache does not hold. Closing this closes every generation."""
+    first = engine.stream(gens[0])
+    async with contextlib.aclosing(first):
+        yield 0, await anext(first)
+        if len(gens) == 1:
+            async for out in first:
+                yield 0, out
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream) -> None:
+            try:
+                async with contextlib.aclosing(stream):
+                    async for out in stream:
+                        await merged.put((index, out, None))
+            except Exception as exc:  # refused (overloaded, ...): the request fails
+                await merged.put((index, None, exc))
+            await merged.put((index, None, None))
+
+        tasks = [asyncio.create_task(pump(0, first))]
+        tasks += [asyncio.create_task(pump(i, engine.stream(g))) for i, g in enumerate(gens[1:], 1)]
+        try:
+            running = len(tasks)
+            while running:
+                index, out, error = await merged.get()
+                if error is not None:
+                    raise error
+                if out is None:
+                    running -= 1
+                else:
+                    yield index, out
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One choice's whole answer, gathered from its outputs."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.new_logprobs
+        self.top_logprobs += out.new_top_logprobs
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.prompt_tokens, self.completion_tokens, self.cached_tokens = (
+                out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+
+
+async def _generate_all(request: Request, engine: Engine, gens: list[GenerationRequest],
+                        model: str) -> list[_Choice]:
+    """Every choice's whole answer; cancelled if the client leaves."""
+    async def gather() -> list[_Choice]:
+        choices = [_Choice() for _ in gens]
+        async with contextlib.aclosing(_outputs(engine, gens)) as outputs:
+            async for index, out in outputs:
+                choices[index].add(out)
+        return choices
+
+    with _model_errors(model, engine):
+        choices = await _unless_disconnected(request, gather())
+    for choice in choices:
+        _check_finished(choice.finish_reason)
+    return choices
+
+
+async def _event_stream(request: Request, engine: Engine, gens: list[GenerationRequest],
+                        body: _Sampling, head: dict,
+                        chunks: Callable[[int, RequestOutput], Iterator[dict]]
+                        ) -> StreamingResponse:
+    """Server-sent events: `chunks(choice, output)` for each engine output, the usage of all
+    choices when asked (stream_options.include_usage), then `[DONE]`.
 
     The first output is awaited before the response starts, so a refused request gets its HTTP
-    status. Closing the engine's stream aborts the generation: that happens when the client
+    status. Closing the outputs aborts every generation: that happens when the client
     disconnects (the response task is cancelled) or the event generator is closed.
     """
-    outputs = engine.stream(gen)
-    with _model_errors(model, engine):
+    outputs = _outputs(engine, gens)
+    with _model_errors(body.model, engine):
         first = await _unless_disconnected(request, anext(outputs))
 
     async def events() -> AsyncIterator[str]:
+        finished = [_Choice() for _ in gens]
         async with contextlib.aclosing(outputs):
-            out = first
+            index, out = first
             while True:
                 if out.finish_reason == FinishReason.CANCELLED:
                     error = ApiError(503, "the server cancelled the request (shutting down, or "
@@ -429,11 +536,16 @@ async def _event_stream(request: Request, engine: Engine, gen: GenerationRequest
                                      type="server_error", code="cancelled")
                     yield _sse(_error_body(error))
                     break
-                for chunk in chunks(out):
+                for chunk in chunks(index, out):
                     yield _sse(chunk)
                 if out.finished:
+                    finished[index].add(out)
+                try:
+                    index, out = await anext(outputs)
+                except StopAsyncIteration:
+                    if _include_usage(body):
+                        yield _sse({**head, "choices": [], "usage": _usage(finished)})
                     break
-                out = await anext(outputs)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

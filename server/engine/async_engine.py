@@ -46,6 +46,7 @@ class GenerationResult:
     completion_tokens: int
     logprobs: list[float] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when asked
 
 
 @dataclass
@@ -101,17 +102,18 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Runs one request to the end and returns the whole result."""
-        text, ids, logprobs = [], [], []
+        text, ids, logprobs, top = [], [], [], []
         last = None
         async for out in self.stream(request):
             text.append(out.new_text)
             ids += out.new_token_ids
             logprobs += out.new_logprobs
+            top += out.new_top_logprobs
             last = out
         return GenerationResult(text="".join(text), token_ids=ids, finish_reason=last.finish_reason,
                                 prompt_tokens=last.prompt_tokens,
                                 completion_tokens=last.completion_tokens, logprobs=logprobs,
-                                cached_tokens=last.cached_tokens)
+                                cached_tokens=last.cached_tokens, top_logprobs=top)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Yields one RequestOutput per generated token; the last has `finished` set.

@@ -1,0 +1,119 @@
+"""OpenAI request fields that map onto the engine's, and the log-probability pieces of answers.
+
+Structured output comes as OpenAI's `response_format` (`json_object`, `json_schema`) or with
+vLLM's names in `extra_body`: `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
+or `structured_outputs: {json | regex | choice | grammar}`. A request names at most one.
+"""
+
+from __future__ import annotations
+
+import json
+
+from server.engine.structured import StructuredOutput
+from server.errors import InvalidRequest
+
+MIN_LOGPROB = -9999.0  # -inf is not JSON
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex",
+                 "guided_choice": "choice", "guided_grammar": "grammar"}
+STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice",
+                           "grammar": "grammar"}
+
+
+def structured_output(fields: dict) -> StructuredOutput | None:
+    """The one constraint among a body's fields (`fields`: the body as a dict), or None."""
+    found = []
+    response_format = fields.get("response_format")
+    if response_format is not None:
+        found += _response_format(response_format)
+    for name, kind in GUIDED_FIELDS.items():
+        if fields.get(name) is not None:
+            found.append((name, _constraint(kind, fields[name], name)))
+    outputs = fields.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise InvalidRequest("structured_outputs must be an object")
+        for key, kind in STRUCTURED_OUTPUTS_KEYS.items():
+            if outputs.get(key) is not None:
+                found.append((f"structured_outputs.{key}",
+                              _constraint(kind, outputs[key], f"structured_outputs.{key}")))
+    if len(found) > 1:
+        raise InvalidRequest(f"give one structured output constraint, not "
+                             f"{', '.join(name for name, _ in found)}")
+    return found[0][1] if found else None
+
+
+def _response_format(value) -> list[tuple[str, StructuredOutput]]:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [("response_format", StructuredOutput("json_object"))]
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if schema is None:
+            raise InvalidRequest("response_format.json_schema.schema is required")
+        return [("response_format", _constraint("json_schema", schema, "response_format"))]
+    raise InvalidRequest("response_format.type must be text, json_object or json_schema")
+
+
+def _constraint(kind: str, value, name: str) -> StructuredOutput:
+    if kind == "json_schema":
+        if isinstance(value, str):
+            return StructuredOutput(kind, value)
+        if isinstance(value, (dict, bool)):
+            return StructuredOutput(kind, json.dumps(value))
+        raise InvalidRequest(f"{name} must be a JSON schema (an object, or its text)")
+    if kind == "choice":
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise InvalidRequest(f"{name} must be a list of strings")
+        return StructuredOutput(kind, tuple(value))
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string")
+    return StructuredOutput(kind, value)
+
+
+# ---- log-probabilities in answers ---------------------------------------------------------------
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([t]) for t in ids]
+
+
+def _logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def completion_logprobs(tokenizer, ids: list[int], lps: list[float],
+                        tops: list[list[tuple[int, float]]] | None, offset: int) -> dict:
+    """The completions API's `logprobs` for these tokens; `offset`: the characters of text
+    before the first of them (the echoed prompt, earlier chunks)."""
+    texts = token_texts(tokenizer, ids)
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    top = None
+    if tops is not None:
+        top = [{tokenizer.decode([t]): _logprob(lp) for t, lp in alternatives}
+               for alternatives in tops]
+    return {"tokens": texts, "token_logprobs": [_logprob(lp) for lp in lps],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, ids: list[int], lps: list[float],
+                  tops: list[list[tuple[int, float]]] | None) -> dict:
+    content = []
+    for i, (text, lp) in enumerate(zip(token_texts(tokenizer, ids), lps)):
+        alternatives = []
+        for t, alt in (tops[i] if tops else []):
+            alt_text = tokenizer.decode([t])
+            alternatives.append({"token": alt_text, "logprob": _logprob(alt),
+                                 "bytes": _bytes(alt_text)})
+        content.append({"token": text, "logprob": _logprob(lp), "bytes": _bytes(text),
+                        "top_logprobs": alternatives})
+    return {"content": content}
+
+
+def _bytes(text: str) -> list[int] | None:
+    """A token holding part of a UTF-8 character decodes to U+FFFD: its bytes are unknown."""
+    return None if "\ufffd" in text else list(text.encode())
