@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.machine import cpu_name
 
 REPORT = Path(__file__).parent / "reports" / "linear4bit_micro.md"
 SHAPES = [(576, 1536), (1536, 576), (576, 576), (576, 192)]  # gate/up, down, q/o, k/v
@@ -68,16 +69,6 @@ def onednn_isa() -> str:
         if "info,cpu,isa:" in line:
             return line.split("isa:", 1)[1].strip()
     return "not reported (oneDNN verbose printed no isa line)"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

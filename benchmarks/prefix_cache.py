@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.machine import cpu_name
 
 REPORT = Path("benchmarks/reports/prefix_cache.md")
 TASKS = ("json", "sql", "pirate", "one-sentence", "uppercase")
@@ -204,7 +205,7 @@ def report(rate: float, capacity: Run, rounds: list[tuple[Run, Run]], command: s
     return "\n".join([
         "# Prefix cache: a chat-style trace with and without it",
         "",
-        f"`{command}` on {_cpu()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; "
+        f"`{command}` on {cpu_name()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; "
         f"the server at --threads {THREADS}. How the trace is made: the module's docstring.",
         "",
         f"Model: SmolLM2-135M-Instruct (NF4, fp32 compute) with the five demo adapters, one per "
@@ -229,13 +230,6 @@ def report(rate: float, capacity: Run, rounds: list[tuple[Run, Run]], command: s
         *per_round,
         "",
     ])
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:
