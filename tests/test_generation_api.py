@@ -243,6 +243,20 @@ def test_echo_puts_the_prompt_before_the_completion(api):
         model="mlp-r8-bf16", prompt=PROMPT, max_tokens=5, temperature=0, echo=True,
         stream=True))
     assert streamed == echoed.choices[0].text
-    with pytest.raises(openai.BadRequestError) as error:
-        api.completions.create(model=BASE, prompt=PROMPT, echo=True, logprobs=1)
-    assert "prompt's log-probabilities" in error.value.message
+
+
+def test_echo_with_logprobs_gives_the_prompt_s_too(api):
+    reply = api.completions.create(model="attn-r4", prompt=PROMPT, max_tokens=3, temperature=0,
+                                   echo=True, logprobs=2)
+    plain = api.completions.create(model="attn-r4", prompt=PROMPT, max_tokens=3,
+                                   temperature=0, logprobs=2)
+    lp, completion = reply.choices[0].logprobs, plain.choices[0].logprobs
+    prompt_tokens = reply.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_tokens + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(v, float) for v in lp.token_logprobs[1:])
+    assert lp.tokens[prompt_tokens:] == completion.tokens
+    assert lp.token_logprobs[prompt_tokens:] == pytest.approx(completion.token_logprobs,
+                                                               abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0  # computed whole

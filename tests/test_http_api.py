@@ -273,7 +273,7 @@ def test_an_unknown_model_is_404_model_not_found(api, demo_server):
 
 @pytest.mark.parametrize("bad", [
     dict(top_p=5), dict(max_tokens=0), dict(n=17), dict(temperature=-1), dict(seed=-1),
-    dict(prompt=["two", "prompts"]), dict(echo=True, logprobs=1), dict(logit_bias={"5": 1}),
+    dict(prompt=["two", "prompts"]), dict(logprobs=21), dict(logit_bias={"5": 1}),
     dict(presence_penalty=0.5), dict(stop=[""]), dict(stream=True, top_p=5),
     dict(max_tokens=5000),
 ])

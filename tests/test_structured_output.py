@@ -128,3 +128,49 @@ def test_top_logprobs_beyond_twenty_are_invalid(core):
     with pytest.raises(InvalidRequest, match="top_logprobs"):
         core.prepare(GenerationRequest(prompt_token_ids=PROMPT,
                                        params=SamplingParams(top_logprobs=21)))
+
+
+def test_prompt_logprobs_equal_the_distribution_after_each_prefix(core):
+    """Prompt token k's log-probability is what a request for the prompt's first k tokens sees
+    as its next-token distribution; the first token has none; the prefix cache is bypassed."""
+    prompt = PROMPT + [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211]
+    params = SamplingParams(max_new_tokens=2, prompt_logprobs=3)
+    run_to_completion(core, {0: [("warm", greedy_request(prompt, "all-r8", 2))]})  # cached
+    core.add_request(GenerationRequest(prompt_token_ids=prompt, adapter_id="all-r8",
+                                       params=params), "p")
+    first = [out for out in run_to_completion_outputs(core) if out.request_id == "p"][0]
+    assert first.prompt_token_ids == prompt and len(first.prompt_logprobs) == len(prompt) - 1
+    assert first.cached_tokens == 0
+    logits = record_logits(core)
+    for k in (1, 5, len(prompt) - 1):
+        run_to_completion(core, {0: [(f"k{k}", greedy_request(prompt[:k], "all-r8", 1))]})
+        want = torch.log_softmax(logits[f"k{k}"][0], dim=-1)
+        logprob, top = first.prompt_logprobs[k - 1]
+        assert logprob == pytest.approx(want[prompt[k]].item(), abs=1e-4)
+        assert [t for t, _ in top] == want.topk(3).indices.tolist()
+    core.logits_observer = None
+
+
+def test_prompt_logprobs_survive_preemption_and_chunked_prefill(tiny_model_dir, tiny_adapter_dirs):
+    def prompt_lps(core, requests):
+        outs = {}
+        for rid, req in requests:
+            core.add_request(req, rid)
+        for out in run_to_completion_outputs(core):
+            if out.prompt_logprobs is not None:
+                outs[out.request_id] = [lp for lp, _ in out.prompt_logprobs]
+        return outs
+
+    requests = [(f"r{i}", GenerationRequest(
+        prompt_token_ids=[1] + [(13 * i + 7 * j) % 400 + 5 for j in range(20 + 3 * i)],
+        adapter_id=[None, "attn-r4", "all-r8"][i % 3],
+        params=SamplingParams(max_new_tokens=12, ignore_eos=True, prompt_logprobs=0)))
+        for i in range(8)]
+    roomy = make_core(tiny_model_dir, tiny_adapter_dirs, max_rank=64)
+    alone = {rid: prompt_lps(roomy, [(rid, req)])[rid] for rid, req in requests}
+    tight = make_core(tiny_model_dir, tiny_adapter_dirs, max_rank=64, kv_block_size=4,
+                      kv_cache_mb=0.125, max_step_tokens=16, max_batch_size=4)
+    together = prompt_lps(tight, requests)
+    assert tight.scheduler.preemptions > 0
+    for rid, lps in alone.items():
+        assert together[rid] == pytest.approx(lps, abs=1e-4), rid

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from adapters_registry.store import InvalidNameError
-from server.api.openai_fields import chat_logprobs, completion_logprobs, structured_output
+from server.api.openai_fields import (chat_logprobs, completion_logprobs,
+                                      echoed_prompt_logprobs, structured_output)
 from server.api.web import add_web_routes
 from server.engine.async_engine import Engine
 from server.engine.core import FinishReason, GenerationRequest, RequestOutput
@@ -159,12 +160,10 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
         body = await _read_body(request, CompletionBody, backend, max_body_bytes)
         engine, adapter = _resolve(backend, body)
         wants_logprobs = body.logprobs is not None
-        if body.echo and wants_logprobs:
-            raise ApiError(400, "echo with logprobs asks for the prompt's log-probabilities, "
-                                "which loraplex does not compute", param="echo",
-                           code="unsupported_parameter")
         params = _sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS, wants_logprobs,
                            body.logprobs or 0)
+        if body.echo and wants_logprobs:  # the prompt's too: computed whole, not from the cache
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prompt = _prompt(body.prompt)
         gens = [GenerationRequest(**prompt, adapter_id=adapter, params=p)
                 for p in _choice_params(params, body.n)]
@@ -174,12 +173,18 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
         echo = _prompt_text(tokenizer, prompt) if body.echo else ""
         offsets = [len(echo)] * len(gens)  # text_offset so far, per choice
 
-        def choice(index, text, ids, lps, tops, finish):
-            lp = None
+        def choice(index, text, ids, lps, tops, finish, prompt=None):
+            """`prompt`: (ids, entries) of an echoed prompt's log-probabilities."""
+            lp = echoed = None
             if wants_logprobs:
+                if prompt is not None:
+                    echoed = echoed_prompt_logprobs(tokenizer, *prompt, body.logprobs)
+                    offsets[index] = sum(len(t) for t in echoed["tokens"])
                 lp = completion_logprobs(tokenizer, ids, lps, tops if body.logprobs else None,
                                          offsets[index])
                 offsets[index] += sum(len(t) for t in lp["tokens"])
+                if echoed is not None:
+                    lp = _joined(echoed, lp)
             return {"index": index, "text": text, "logprobs": lp,
                     "finish_reason": finish and OPENAI_FINISH_REASONS[finish]}
 
@@ -187,15 +192,18 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
             results = await _generate_all(request, engine, gens, body.model)
             return {**head, "usage": _usage(results), "choices": [
                 choice(i, echo + r.text, r.token_ids, r.logprobs, r.top_logprobs,
-                       r.finish_reason) for i, r in enumerate(results)]}
+                       r.finish_reason, r.prompt) for i, r in enumerate(results)]}
 
         echoed = set()
 
         def chunks(index: int, out: RequestOutput) -> Iterator[dict]:
             text = out.new_text if index in echoed else echo + out.new_text
             echoed.add(index)
+            prompt = None
+            if out.prompt_logprobs is not None:
+                prompt = (out.prompt_token_ids, out.prompt_logprobs)
             yield {**head, "choices": [choice(index, text, out.new_token_ids, out.new_logprobs,
-                                              out.new_top_logprobs, out.finish_reason)],
+                                              out.new_top_logprobs, out.finish_reason, prompt)],
                    **_usage_field(body)}
 
         return await _event_stream(request, engine, gens, body, head, chunks)
@@ -373,6 +381,16 @@ def _choice_params(params: SamplingParams, n: int | None) -> list[SamplingParams
     return [dataclasses.replace(params, seed=params.seed + i) for i in range(n or 1)]
 
 
+def _joined(first: dict, then: dict) -> dict:
+    """Two `logprobs` objects of the completions API, one after the other."""
+    tops = None
+    if first["top_logprobs"] is not None or then["top_logprobs"] is not None:
+        tops = (first["top_logprobs"] or []) + (then["top_logprobs"] or [])
+    return {"tokens": first["tokens"] + then["tokens"],
+            "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
+            "top_logprobs": tops, "text_offset": first["text_offset"] + then["text_offset"]}
+
+
 def _prompt_text(tokenizer, prompt: dict) -> str:
     """The prompt as text, for echo."""
     if "prompt" in prompt:
@@ -482,7 +500,11 @@ class _Choice:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
+    prompt: tuple[list[int], list] | None = None  # an echoed prompt's ids and log-probabilities
+
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt = (out.prompt_token_ids, out.prompt_logprobs)
         self.text += out.new_text
         self.token_ids += out.new_token_ids
         self.logprobs += out.new_logprobs

@@ -100,6 +100,17 @@ def completion_logprobs(tokenizer, ids: list[int], lps: list[float],
             "top_logprobs": top, "text_offset": offsets}
 
 
+def echoed_prompt_logprobs(tokenizer, ids: list[int],
+                           entries: list[tuple[float, list[tuple[int, float]]]],
+                           top: int) -> dict:
+    """The completions API's `logprobs` for an echoed prompt: its first token has none."""
+    texts = token_texts(tokenizer, ids)
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    alternatives = [{tokenizer.decode([t]): _logprob(lp) for t, lp in alts} for _, alts in entries]
+    return {"tokens": texts, "token_logprobs": [None] + [_logprob(lp) for lp, _ in entries],
+            "top_logprobs": [None] + alternatives if top else None, "text_offset": offsets}
+
+
 def chat_logprobs(tokenizer, ids: list[int], lps: list[float],
                   tops: list[list[tuple[int, float]]] | None) -> dict:
     content = []

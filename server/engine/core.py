@@ -34,11 +34,13 @@ from server.engine.adapter_slots import AdapterSlots
 from server.engine.admission import BASE_TENANT, make_waiting_queue
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
-from server.engine.sampler import Mask, SampleRow, Sampled, SamplingParams, sample
+from server.engine.sampler import (Mask, SampleRow, Sampled, SamplingParams, prompt_logprobs,
+                                   sample)
 from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.engine.stats import EngineStats
 from server.engine.structured import Grammars, fill_bitmask, new_matcher
 from server.errors import ConfigError, InvalidRequest, Overloaded
+from server.host_to_device import upload
 from server.lora.layer import LoraContext, wrap_lora_targets
 from server.lora.op import select_kernel
 from server.model.loading import DTYPES, LoadedModel
@@ -86,6 +88,10 @@ class RequestOutput:
     finished: bool = False
     # per new token, when asked: the most likely (token id, log-probability), most likely first
     new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # with the first token, when asked: the prompt's ids, and the (log-probability,
+    # alternatives) of its tokens 1..n-1 (the first has no context to be predicted from)
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -306,11 +312,18 @@ class EngineCore:
         # [N, vocab] on the model's device, N = chunks that need logits; sampled there, and
         # only the tokens (with their logprobs) come back to the host
         logits = self.runner.forward(inputs)
-        sampling = []
+        sampling, sample_rows, row = [], [], 0
         for c, chunk in zip(scheduled, chunks):
-            c.seq.num_computed += c.num_tokens
+            rows = len(chunk.token_ids) if chunk.all_logits else int(chunk.needs_logits)
+            if chunk.all_logits:
+                self._record_prompt_logprobs(c.seq, chunk, logits[row:row + rows])
             if chunk.needs_logits:
                 sampling.append(c.seq)
+                sample_rows.append(row + rows - 1)
+            row += rows
+            c.seq.num_computed += c.num_tokens
+        if row != len(sample_rows):  # some chunks returned every row's logits
+            logits = logits[upload(torch.tensor(sample_rows, dtype=torch.long), logits.device)]
         self.scheduler.computed(scheduled)  # before sampling ends (and frees) any of them
         if self.logits_observer is not None:
             self.logits_observer([seq.request_id for seq in sampling], logits)
@@ -319,6 +332,20 @@ class EngineCore:
         self.steps += 1
         self.generated_tokens += len(draws)
         return [self._append_token(seq, draw) for seq, draw in zip(sampling, draws)]
+
+    def _record_prompt_logprobs(self, seq: Sequence, chunk: SeqChunk,
+                                logits: torch.Tensor) -> None:
+        """Keeps the log-probabilities of the prompt tokens this chunk's rows predict (row j,
+        position chunk.start + j, predicts the token at the next position); a recompute after
+        preemption skips those already kept."""
+        prompt = seq.prompt_ids
+        kept = len(seq.prompt_logprobs)  # positions 1..kept are done
+        rows = [j for j in range(len(chunk.token_ids))
+                if kept < chunk.start + j + 1 < len(prompt)]
+        if rows:
+            seq.prompt_logprobs += prompt_logprobs(
+                logits[rows], [prompt[chunk.start + j + 1] for j in rows],
+                seq.params.prompt_logprobs)
 
     def _grammar_mask(self, sampling: list[Sequence]) -> Mask | None:
         """The tokens each constrained sequence's grammar allows next, by row."""
@@ -385,6 +412,8 @@ class EngineCore:
         out = self._output(live, [token], text, new_logprobs, reason)
         if seq.params.top_logprobs:
             out.new_top_logprobs = [draw.top]
+        if seq.params.prompt_logprobs is not None and len(seq.output_ids) == 1:
+            out.prompt_token_ids, out.prompt_logprobs = seq.prompt_ids, seq.prompt_logprobs
         return out
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
@@ -439,7 +468,9 @@ def _chunk(c: ScheduledChunk) -> SeqChunk:
     start = seq.num_computed
     return SeqChunk(token_ids=seq.tokens[start:start + c.num_tokens], start=start,
                     block_table=seq.block_table, slot=seq.slot,
-                    needs_logits=start + c.num_tokens == seq.num_tokens)
+                    needs_logits=start + c.num_tokens == seq.num_tokens,
+                    all_logits=(seq.params.prompt_logprobs is not None
+                                and start < len(seq.prompt_ids)))
 
 
 def _sample_row(seq: Sequence) -> SampleRow:

@@ -43,6 +43,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/CTRL semantics over prompt and generated tokens
     logprobs: bool = False  # return the log-probability of each generated token
     top_logprobs: int = 0  # and the N most likely tokens at each position, with theirs
+    # the prompt tokens' log-probabilities (with this many alternatives each); None = not asked.
+    # Such a request computes its whole prompt (the prefix cache does not serve it).
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False
     structured: StructuredOutput | None = None  # what the output must match
 
@@ -75,6 +78,8 @@ class SamplingParams:
             raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size})")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.structured is not None:
             self.structured.validate()
 
@@ -157,6 +162,21 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], mask: Mask | None = None
         draws[i].logprob = host[i][1]
         draws[i].top = [(int(t), lp) for t, lp in zip(host[i][2:2 + k], host[i][2 + top:2 + top + k])]
     return draws
+
+
+def prompt_logprobs(logits: torch.Tensor, next_tokens: list[int], top: int
+                    ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """logits: [n, vocab], row j predicting next_tokens[j] -> per row, that token's raw
+    log-probability and the `top` most likely (token, log-probability); one host copy."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = upload(torch.tensor(next_tokens, dtype=torch.long), logits.device)
+    packed = [logprobs.gather(1, index[:, None]).double()]
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        packed += [ids.double(), values.double()]
+    host = torch.cat(packed, dim=1).cpu().tolist()
+    return [(line[0], [(int(t), lp) for t, lp in zip(line[1:1 + top], line[1 + top:])])
+            for line in host]
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

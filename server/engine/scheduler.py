@@ -62,6 +62,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far
     registered_blocks: int = 0  # leading blocks of block_table offered to the prefix cache
     matcher: object | None = None  # structured output: the grammar's state over output_ids
+    prompt_logprobs: list = field(default_factory=list)  # of prompt positions 1.., when asked
 
     @property
     def tokens(self) -> list[int]:
@@ -185,8 +186,8 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks seq's tokens start with under its adapter version, leaving at
         least its last token to compute."""
-        if not self.kv.allocator.caching:
-            return []
+        if not self.kv.allocator.caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt log-probabilities need every prompt position computed
         size = self.kv.block_size
         seq.block_hashes = block_hashes(seq.tokens, size, _adapter_key(seq), seq.block_hashes)
         usable = (seq.num_tokens - 1) // size

@@ -50,6 +50,7 @@ class SeqChunk:
     block_table: list[int]  # KV blocks covering positions 0..start+len(token_ids)-1
     slot: int  # adapter slot, -1 = base model
     needs_logits: bool  # True when the chunk ends the known tokens (a new token is sampled)
+    all_logits: bool = False  # logits of every token of the chunk (prompt log-probabilities)
 
 
 @dataclass
@@ -90,7 +91,10 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
         positions += range(chunk.start, chunk.start + n)
         slots += [chunk.slot] * n
         rows += kv.rows_of(chunk.block_table, chunk.start, chunk.start + n)
-        if chunk.needs_logits:
+        if chunk.all_logits:  # each row's logits predict the token after it
+            logit_rows += range(len(ids) - n, len(ids))
+            logit_slots += [chunk.slot] * n
+        elif chunk.needs_logits:
             logit_rows.append(len(ids) - 1)
             logit_slots.append(chunk.slot)
     decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
