@@ -142,7 +142,7 @@ def validate_adapter_name(name: object) -> str:
         return name
     shown = shown_name(name)
     raise AdapterFormatError(
-        f"adapter {shown!r}: invalid adapter name: {NAME_RULE}, '/' or '\\'",
+        f"adapter {shown!r}: invalid adapter name: {NAME_RULE}",
         adapter=str(shown), reason="invalid adapter name")
 
 

@@ -87,6 +87,8 @@ class AdapterRegistry:
         self._listeners: list[Callable[[str], None]] = []
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load",
                                             initializer=worker_init)
+        # finds unregistered adapters in sources on first request (adapters_registry/resolver.py)
+        self.resolver = None
         self.loads = 0
         self.load_failures = 0
         # Called with the seconds each successful store -> RAM load took (metrics).
@@ -204,6 +206,8 @@ class AdapterRegistry:
             return self.cache.snapshot()
 
     def close(self) -> None:
+        if self.resolver is not None:
+            self.resolver.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _servable(self, name: str) -> AdapterRecord:

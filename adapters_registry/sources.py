@@ -81,6 +81,17 @@ def fetch_adapter(source: str, *, name: str, allowed_roots: Sequence[str | Path]
                                 max_bytes=max_bytes)
 
 
+def holds_adapter(source: str, *, name: str) -> bool:
+    """Whether `source` (a directory, or s3://bucket/prefix) holds either file of an adapter.
+    The resolver looks elsewhere when not; when it does, `fetch_adapter` says what is wrong."""
+    if source.startswith("s3://"):
+        bucket, prefix = _parse_s3_uri(name, source)
+        client = _default_client(name, source)
+        return any(_object_size(client, name, bucket, _key(prefix, file)) is not None
+                   for file in (CONFIG_FILE, WEIGHTS_FILE))
+    return os.path.isdir(source)
+
+
 def _error(name: str, file: str, reason: str, kind: type[SourceError] = SourceError) -> SourceError:
     """The error in peft_format's one-line form; a file name that is not printable is quoted so
     that it cannot break the line."""

@@ -52,6 +52,10 @@ class EngineConfig:
                           "with --quantize none), in place; all = lm_head too, as a second copy "
                           "of its weight; off = plain F.linear.",
                   "choices": PREPACK_CHOICES})
+    served_model_name: str = field(
+        default="",
+        metadata={"help": "The base model's public id (OpenAI `model`, /v1/models, "
+                          "ListModels); default: its directory's name."})
     device: str = field(
         default="auto",
         metadata={"help": "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present, else CPU)."})
@@ -211,6 +215,17 @@ class RegistryConfig:
         metadata={"help": "Local directories (separated by ':') under which adapters may be "
                           "registered from a path; '' = none. s3:// sources use the standard "
                           "AWS environment (AWS_ENDPOINT_URL, credentials, region)."})
+    adapter_resolver: str = field(
+        default="",
+        metadata={"help": "Where to look for an adapter a request names that is not "
+                          "registered: s3://bucket/prefix or a directory under "
+                          "--adapter-source-roots, several separated by ','; the adapter "
+                          "NAME (or org/name) is <URI>/NAME/. '' = unknown names are "
+                          "NOT_FOUND."})
+    resolver_negative_ttl: float = field(
+        default=10.0,
+        metadata={"help": "Seconds a name that no --adapter-resolver source holds is answered "
+                          "NOT_FOUND without asking the sources again."})
     max_adapter_mb: float = field(
         default=1024.0,
         metadata={"help": "Largest adapter_model.safetensors accepted, in MiB."})
@@ -244,6 +259,23 @@ class RegistryConfig:
         for root in self.source_roots:
             if not root.is_dir():
                 raise ConfigError(f"--adapter-source-roots: not a directory: {root}")
+        if self.resolver_negative_ttl < 0:
+            raise ConfigError("--resolver-negative-ttl must be >= 0")
+        for uri in self.resolver_uris:
+            if uri.startswith("s3://"):
+                continue
+            if "://" in uri:
+                raise ConfigError(f"--adapter-resolver {uri}: use s3://bucket/prefix or a "
+                                  "directory")
+            real = Path(uri).resolve()
+            if not any(real == r.resolve() or r.resolve() in real.parents
+                       for r in self.source_roots):
+                raise ConfigError(f"--adapter-resolver {uri}: a directory must lie under "
+                                  f"--adapter-source-roots")
+
+    @property
+    def resolver_uris(self) -> list[str]:
+        return [uri.strip() for uri in self.adapter_resolver.split(",") if uri.strip()]
 
     @property
     def source_roots(self) -> list[Path]:

@@ -16,6 +16,7 @@ import enum
 
 from adapters_registry.peft_format import AdapterFormatError
 from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError
+from adapters_registry.resolver import AdapterResolveError
 from adapters_registry.sources import SourceUnavailableError
 from adapters_registry.store import (AdapterCorruptError, InvalidContentError, InvalidNameError,
                                      StoreError, UnknownAdapterError)
@@ -81,6 +82,7 @@ REGISTRY_KINDS: dict[type[Exception], ErrorKind] = {
     UnknownAdapterError: ErrorKind.NOT_FOUND,
     AdapterCacheFullError: ErrorKind.OVERLOADED,  # running requests and pins hold the cache
     AdapterLoadError: ErrorKind.FAILED_PRECONDITION,  # a stored adapter that cannot be loaded
+    AdapterResolveError: ErrorKind.FAILED_PRECONDITION,  # a resolver source's adapter is bad
     AdapterCorruptError: ErrorKind.FAILED_PRECONDITION,
     InvalidContentError: ErrorKind.FAILED_PRECONDITION,  # e.g. a version not above the last
     StoreError: ErrorKind.FAILED_PRECONDITION,  # e.g. the store is locked by another process

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,6 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from server.tools.demo import write_llama_model, write_lora_adapter  # noqa: E402
+from tests import processes  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -181,3 +188,42 @@ def failing_build(monkeypatch):
         monkeypatch.setattr(native, "_module", None)
         monkeypatch.setattr(native, "_failed", False)
     return fail
+
+
+# ---- S3: moto's server ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's standalone S3-compatible server, a subprocess on loopback, for the session."""
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+
+    def launch(port: int):
+        endpoint = f"http://127.0.0.1:{port}"
+        with open(log, "wb") as out:
+            proc = processes.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                    "-p", str(port)], stdout=out, stderr=out)
+        _wait_until_answering(endpoint, proc, log)
+        return proc, endpoint
+
+    proc, endpoint = processes.retrying_on_a_taken_port(launch)
+    try:
+        yield endpoint
+    finally:
+        processes.stop(proc, timeout=10)
+
+
+def _wait_until_answering(endpoint: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            if "Address already in use" in log.read_text():
+                raise processes.PortTaken()
+            pytest.fail(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"moto server at {endpoint} did not answer within 30 s:\n{log.read_text()}")

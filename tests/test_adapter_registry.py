@@ -416,7 +416,7 @@ def test_malformed_registration_leaves_the_store_byte_for_byte_unchanged(
     assert tree_digest(tmp_path / "store") == before
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 129])
+@pytest.mark.parametrize("name", ["../escape", "a/b/c", "", ".hidden", "x" * 129])
 def test_bad_names_are_rejected_before_anything_is_written(make_registry, tmp_path, files, size,
                                                            name):
     registry = make_registry(cache_bytes=4 * size)

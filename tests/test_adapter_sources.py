@@ -1,15 +1,11 @@
 """Fetching an adapter's two raw files: allowed local directories, and S3 against a real
-S3-compatible server (moto's standalone server, started on loopback by this module)."""
+S3-compatible server (moto's standalone server on loopback: the `s3_endpoint` fixture in
+conftest.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -175,43 +171,6 @@ def test_read_s3_refuses_a_path_that_is_not_an_s3_uri():
 
 
 # ---- S3 against a real server -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """moto's standalone S3-compatible server, a subprocess on loopback, for this module."""
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-
-    def launch(port: int):
-        endpoint = f"http://127.0.0.1:{port}"
-        with open(log, "wb") as out:
-            proc = processes.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                    "-p", str(port)], stdout=out, stderr=out)
-        _wait_until_answering(endpoint, proc, log)
-        return proc, endpoint
-
-    proc, endpoint = processes.retrying_on_a_taken_port(launch)
-    try:
-        yield endpoint
-    finally:
-        processes.stop(proc, timeout=10)
-
-
-def _wait_until_answering(endpoint: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            if "Address already in use" in log.read_text():
-                raise processes.PortTaken()
-            pytest.fail(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means it is serving
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"moto server at {endpoint} did not answer within 30 s:\n{log.read_text()}")
-
 
 def s3_client(endpoint: str, **config):
     """A boto3 client with explicit endpoint and credentials; `config` goes to botocore Config."""

@@ -58,9 +58,11 @@ def store(tmp_path):
 
 # ------------------------------------------------------------------------------ names and layout
 
-BAD_NAMES = ["", ".", "..", "../x", "../../etc/passwd", "/abs", "a/b", "a\\b", ".hidden", "-x",
-             "_x", "a..b", "a b", "a\n", "a\0b", "ä", "x" * 129, None, 5, b"bytes"]
-GOOD_NAMES = ["a", "A", "A.b_c-1", "x" * 128, "9.9", "llama-3.1_sql"]
+BAD_NAMES = ["", ".", "..", "../x", "../../etc/passwd", "/abs", "a/b/c", "a/", "a//b", "a/.x",
+             "org/..", "a\\b", ".hidden", "-x", "_x", "a..b", "a b", "a\n", "a\0b", "ä",
+             "x" * 129, "org/" + "x" * 129, None, 5, b"bytes"]
+GOOD_NAMES = ["a", "A", "A.b_c-1", "x" * 128, "9.9", "llama-3.1_sql", "org/name",
+              "Meta-Llama/llama-3.1_sql", "x" * 128 + "/" + "y" * 128]
 
 
 def test_invalid_names_are_rejected_and_touch_nothing(tmp_path):

@@ -439,7 +439,7 @@ def test_other_files_in_directory_ignored(spec, tiny_adapter_dirs, tmp_path):
 
 # ---- adapter names --------------------------------------------------------------------------------
 
-BAD_NAMES = ["../x", "a/b", "a\\b", "..", ".hidden", "", "a" * 129, "a..b", "-x", "sp ace",
+BAD_NAMES = ["../x", "a/b/c", "/a", "a/", "a\\b", "..", ".hidden", "", "a" * 129, "a..b", "-x", "sp ace",
              "naïve", "x\n"]
 
 

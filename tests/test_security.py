@@ -149,7 +149,7 @@ def test_every_admin_method_refuses_without_the_admin_token_and_does_nothing(
 
 # ---- names and sources --------------------------------------------------------------------------
 
-ODD_NAMES = ["../kept", "..", "a/b", "/etc/passwd", "a\\b", ".hidden", "-x", "a..b", "x" * 129,
+ODD_NAMES = ["../kept", "..", "a/b/c", "org/../kept", "/etc/passwd", "a\\b", ".hidden", "-x", "a..b", "x" * 129,
              "", "名前", "a b", "kept\n", "kept\x00"]
 
 

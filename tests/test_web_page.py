@@ -11,7 +11,7 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from server.api.web import NO_ADMIN_API
+from server.api.http_admin import NO_ADMIN_API
 from server.tools.demo import build_demo
 from tests.browser import chromium
 from tests.server_process import start_server

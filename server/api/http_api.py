@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API, beside gRPC in the same process and on the same Engine.
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions` (streamed as server-sent events with
-`stream: true`), plus `/health`, `/metrics` and the web page with its JSON routes
-(server/api/web.py). `model` is the base model's name or an adapter's.
+`stream: true`), plus `/health`, `/metrics`, the web page with its JSON routes
+(server/api/web.py) and adapter management with the admin token (server/api/http_admin.py:
+vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, the page's /api/admin routes). `model` is the base model's name or an adapter's.
 Requests go through the same `Engine` as gRPC, so they count in the same metrics and request log.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; a domain error's
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException
 from adapters_registry.store import InvalidNameError
 from server.api.openai_fields import (chat_logprobs, completion_logprobs,
                                       echoed_prompt_logprobs, structured_output)
+from server.api.http_admin import add_admin_routes
 from server.api.web import add_web_routes
 from server.engine.async_engine import Engine
 from server.engine.core import FinishReason, GenerationRequest, RequestOutput
@@ -266,6 +268,7 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     add_web_routes(app, backend, tokens)
+    add_admin_routes(app, backend, tokens)
     _add_error_handlers(app)
     return app
 

@@ -3,24 +3,19 @@
 `/` is plain static HTML, JS and CSS (server/api/web/: no build chain, nothing from a CDN).
 The page streams answers from the OpenAI routes (`/v1/chat/completions` when the model has a
 chat template, else `/v1/completions`), polls `/api/status` for the live panel, and sends admin
-actions to `/api/admin/...` with the admin token. The page itself holds no data and needs no
+actions to `/api/admin/...` (server/api/http_admin.py) with the admin token. The page itself holds no data and needs no
 token; every JSON route checks the same bearer tokens as the rest of the HTTP API.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
 
-from adapters_registry.peft_format import MAX_CONFIG_BYTES
-from adapters_registry.store import check_name
-from server.errors import InvalidRequest
 from server.model.memory import stored_cost
 from server.serving import Backend, Ready, Tokens, check_bearer
 from server.tools.cost import chart_series
@@ -28,87 +23,31 @@ from server.tools.cost import chart_series
 WEB_DIR = Path(__file__).with_name("web")
 CHART_MAX_ADAPTERS = 1000  # as `loraplex cost`'s chart
 CHART_POINTS = 60
-NO_ADMIN_API = "this server has no admin API: start it with --admin-token-file FILE"
-UPLOAD_OVERHEAD_BYTES = 1 << 20  # multipart framing around the two files
 
 
 def add_web_routes(app: FastAPI, backend: Backend, tokens: Tokens) -> None:
-    """`/` and its files, `/api/status` (inference token) and `/api/admin/...` (admin token)."""
+    """`/` and its files, and `/api/status` (inference token). The page's admin actions use
+    the HTTP admin routes (server/api/http_admin.py)."""
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
 
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(WEB_DIR / "index.html")
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(_bearer(tokens, admin=False))])
+    api = APIRouter(prefix="/api", dependencies=[Depends(_inference_bearer(tokens))])
 
     @api.get("/status")
     def status():  # a plain def: reading the store runs on a worker thread
         return server_status(backend.ready(), admin_api=tokens.admin is not None)
 
-    admin = APIRouter(prefix="/api/admin", dependencies=[Depends(_bearer(tokens, admin=True))])
-
-    @admin.post("/adapters/{name}/pin")
-    async def pin(name: str):
-        registry = backend.ready().registry
-        await asyncio.wrap_future(registry.pin(name))
-        return adapter_status(backend.ready(), name)
-
-    @admin.post("/adapters/{name}/unpin")
-    async def unpin(name: str):
-        backend.ready().registry.unpin(name)
-        return adapter_status(backend.ready(), name)
-
-    @admin.delete("/adapters/{name}")
-    async def delete(name: str):
-        await asyncio.to_thread(backend.ready().registry.delete, name)
-        return {"deleted": name}
-
-    @admin.put("/adapters/{name}")
-    async def upload(name: str, request: Request):
-        """multipart/form-data with the files `adapter_config` (adapter_config.json) and
-        `adapter_model` (adapter_model.safetensors); stores a new version, as gRPC's
-        UploadAdapter does."""
-        check_name(name)
-        registry = backend.ready().registry
-        config, weights = await _adapter_files(request, registry.max_adapter_bytes)
-        await asyncio.to_thread(registry.register, name, config, weights)
-        return adapter_status(backend.ready(), name)
-
     app.include_router(api)
-    app.include_router(admin)
 
 
-def _bearer(tokens: Tokens, *, admin: bool):
+def _inference_bearer(tokens: Tokens):
     async def authorize(request: Request) -> None:
-        if admin and tokens.admin is None:
-            raise HTTPException(404, NO_ADMIN_API)
-        check_bearer(request.headers.get("authorization"), tokens, admin=admin)
+        check_bearer(request.headers.get("authorization"), tokens, admin=False)
 
     return authorize
-
-
-async def _adapter_files(request: Request, max_adapter_bytes: int | None) -> tuple[bytes, bytes]:
-    """The two uploaded files' bytes; a body announced over the limits is refused unread."""
-    declared = request.headers.get("content-length", "")
-    if max_adapter_bytes is not None:
-        if not declared.isdigit():
-            raise InvalidRequest("an upload must declare its Content-Length")
-        if int(declared) > max_adapter_bytes + MAX_CONFIG_BYTES + UPLOAD_OVERHEAD_BYTES:
-            raise InvalidRequest(f"the upload is larger than the server's limit of "
-                                 f"{max_adapter_bytes} bytes (--max-adapter-mb)")
-    # A malformed body or extra parts: Starlette answers 400 with the parser's reason.
-    async with request.form(max_files=2, max_fields=0) as form:
-        files = {}
-        for field, name in (("adapter_config", "adapter_config.json"),
-                            ("adapter_model", "adapter_model.safetensors")):
-            part = form.get(field)
-            if part is None or isinstance(part, str):
-                raise InvalidRequest(f"the upload needs the file {field} ({name})")
-            files[field] = await part.read()
-    if len(files["adapter_config"]) > MAX_CONFIG_BYTES:
-        raise InvalidRequest(f"adapter_config.json exceeds {MAX_CONFIG_BYTES} bytes")
-    return files["adapter_config"], files["adapter_model"]
 
 
 # ---- what the live panel shows ----------------------------------------------------------------

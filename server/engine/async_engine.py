@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from adapters_registry.host_cache import AdapterLease
+from adapters_registry.store import UnknownAdapterError
 from server.engine.core import EngineCore, GenerationRequest, RequestOutput
 from server.engine.stats import EngineStats
 from server.engine.threads import loop_threads, single_threaded
@@ -169,7 +170,14 @@ class Engine:
         """The registry's lease on the request's adapter, waiting for a cold load if needed."""
         if not request.adapter_id:
             return None
-        future = self.registry.acquire(request.adapter_id)  # raises UnknownAdapterError now
+        try:
+            future = self.registry.acquire(request.adapter_id)  # raises UnknownAdapterError now
+        except UnknownAdapterError:
+            if self.registry.resolver is None:
+                raise
+            # Looked for in the resolver's sources, once per name however many ask.
+            await asyncio.wrap_future(self.registry.resolver.resolve(request.adapter_id))
+            future = self.registry.acquire(request.adapter_id)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -550,6 +550,8 @@ def load_engine_core(config: EngineConfig, adapters: dict[str, str] | None = Non
     model = load_model(config.model, quantize=config.quantize, device=config.device,
                        dtype=DTYPES[config.dtype], quant_kernel=config.quant_kernel,
                        prepack=config.prepack)
+    if config.served_model_name:
+        model = dataclasses.replace(model, name=config.served_model_name)
     if registry is None:
         adapter_registry = make_registry(model.spec, config.max_rank)
     else:
@@ -566,12 +568,17 @@ def make_registry(spec: BaseModelSpec, max_rank: int, *, store=None,
     by `config`; its load workers are background threads at `config.load_nice`
     (server/engine/threads.py)."""
     from adapters_registry.memory_store import MemoryStore
+    from adapters_registry.resolver import AdapterResolver
     from server.engine.threads import background
 
     config = config or RegistryConfig()
-    return AdapterRegistry(store if store is not None else MemoryStore(), spec,
-                           max_rank=max_rank, cache_bytes=int(config.adapter_cache_mb * 2**20),
-                           allowed_roots=config.source_roots,
-                           max_adapter_bytes=int(config.max_adapter_mb * 2**20),
-                           load_workers=config.load_workers,
-                           worker_init=functools.partial(background, config.load_nice))
+    registry = AdapterRegistry(store if store is not None else MemoryStore(), spec,
+                               max_rank=max_rank, cache_bytes=int(config.adapter_cache_mb * 2**20),
+                               allowed_roots=config.source_roots,
+                               max_adapter_bytes=int(config.max_adapter_mb * 2**20),
+                               load_workers=config.load_workers,
+                               worker_init=functools.partial(background, config.load_nice))
+    if config.resolver_uris:
+        registry.resolver = AdapterResolver(registry, config.resolver_uris,
+                                            negative_ttl=config.resolver_negative_ttl)
+    return registry
