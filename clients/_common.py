@@ -222,6 +222,30 @@ def _pem(value: PathOrPem | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
+DEFAULT_RETRIES = 3
+RETRYABLE = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+IDEMPOTENT = {  # safe to send again: they change nothing on the server
+    "loraplex.v1.Inference": ["Generate", "GenerateStream", "Tokenize", "ListModels"],
+    "loraplex.v1.Admin": ["GetAdapter", "ListAdapters", "GetServerInfo"],
+}
+
+
+def channel_options(retries: int) -> list[tuple[str, object]]:
+    """gRPC's own retry policy (its service config) for the idempotent calls: up to `retries`
+    more attempts after UNAVAILABLE or RESOURCE_EXHAUSTED, with exponential backoff, or after
+    the delay the server asks for in `grpc-retry-pushback-ms`. A stream is retried only before
+    its first message. 0 turns retries off; uploads, registrations, deletes and pins are never
+    retried."""
+    if retries <= 0:
+        return [("grpc.enable_retries", 0)]
+    policy = {"maxAttempts": min(retries + 1, 5), "initialBackoff": "0.2s",
+              "maxBackoff": "5s", "backoffMultiplier": 2, "retryableStatusCodes": RETRYABLE}
+    names = [{"service": service, "method": method}
+             for service, methods in IDEMPOTENT.items() for method in methods]
+    config = {"methodConfig": [{"name": names, "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
 def channel_credentials(root_certificates: PathOrPem | None, client_certificate: PathOrPem | None,
                         client_key: PathOrPem | None) -> grpc.ChannelCredentials | None:
     """TLS when any of the three is given (no root certificates: the system's); else None."""

@@ -10,10 +10,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients._common import (
-    DEFAULT_TARGET, UPLOAD_CHUNK_BYTES, AdapterFiles, AdapterInfo, GenerateResult, LoraplexError,
-    Models, PathOrPem, Progress, ServerInfo, StreamDelta, bearer, channel_credentials,
-    generate_request, generate_result, inference_metadata, models_result, rpc_errors, stream_delta,
-    upload_requests)
+    DEFAULT_RETRIES, DEFAULT_TARGET, UPLOAD_CHUNK_BYTES, AdapterFiles, AdapterInfo, GenerateResult,
+    LoraplexError, Models, PathOrPem, Progress, ServerInfo, StreamDelta, bearer,
+    channel_credentials, channel_options, generate_request, generate_result, inference_metadata,
+    models_result, rpc_errors, stream_delta, upload_requests)
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 
@@ -24,10 +24,11 @@ class AsyncLoraplexClient:
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  admin_token: str | None = None, root_certificates: PathOrPem | None = None,
                  client_certificate: PathOrPem | None = None, client_key: PathOrPem | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, retries: int = DEFAULT_RETRIES):
         credentials = channel_credentials(root_certificates, client_certificate, client_key)
-        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials
-                         else grpc.aio.insecure_channel(target))
+        options = channel_options(retries)
+        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(target, options))
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -9,25 +9,28 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients._common import (
-    DEFAULT_TARGET, UPLOAD_CHUNK_BYTES, AdapterFiles, AdapterInfo, GenerateResult, LoraplexError,
-    Models, PathOrPem, Progress, ServerInfo, StreamDelta, bearer, channel_credentials,
-    generate_request, generate_result, inference_metadata, models_result, rpc_errors, stream_delta,
-    upload_requests)
+    DEFAULT_RETRIES, DEFAULT_TARGET, UPLOAD_CHUNK_BYTES, AdapterFiles, AdapterInfo, GenerateResult,
+    LoraplexError, Models, PathOrPem, Progress, ServerInfo, StreamDelta, bearer,
+    channel_credentials, channel_options, generate_request, generate_result, inference_metadata,
+    models_result, rpc_errors, stream_delta, upload_requests)
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 
 class LoraplexClient:
     """A loraplex server. `token` goes with Inference calls, `admin_token` with Admin calls;
-    `timeout` (seconds) is the default deadline of every call. Every RPC failure raises
+    `timeout` (seconds) is the default deadline of every call;
+    `retries`: more attempts of an idempotent call after UNAVAILABLE or RESOURCE_EXHAUSTED
+    (gRPC's retry policy, honouring the server's retry hint; 0 = off). Every RPC failure raises
     LoraplexError."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  admin_token: str | None = None, root_certificates: PathOrPem | None = None,
                  client_certificate: PathOrPem | None = None, client_key: PathOrPem | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, retries: int = DEFAULT_RETRIES):
         credentials = channel_credentials(root_certificates, client_certificate, client_key)
-        self._channel = (grpc.secure_channel(target, credentials) if credentials
-                         else grpc.insecure_channel(target))
+        options = channel_options(retries)
+        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
+                         else grpc.insecure_channel(target, options))
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -69,6 +69,9 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         self.record.add("Generate", request, context)
         if request.adapter_id == "missing":
             _abort_unknown(context, request.adapter_id)
+        if request.adapter_id == "busy-twice" and len(self.record.of("Generate")) <= 2:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "50"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full; retry later")
         if request.adapter_id == "slow":
             time.sleep(0.5)
         return inference_pb2.GenerateResponse(
@@ -674,3 +677,34 @@ def test_the_client_package_imports_without_torch_or_the_server():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=30)
     assert (run.returncode, run.stdout.strip()) == (0, "LoraplexClient"), run.stderr
+
+
+# Retries
+
+
+def test_an_overloaded_server_is_retried_after_its_hint(fake):
+    with LoraplexClient(fake.target, timeout=10) as client:
+        reply = client.generate("Hi", adapter="busy-twice")
+    assert reply.text == "Hello world"
+    assert len(fake.record.of("Generate")) == 3  # two refusals, each retried after 50 ms
+
+
+def test_retries_can_be_turned_off(fake):
+    with LoraplexClient(fake.target, timeout=10, retries=0) as client:
+        with pytest.raises(LoraplexError) as error:
+            client.generate("Hi", adapter="busy-twice")
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(fake.record.of("Generate")) == 1
+
+
+def test_only_calls_that_change_nothing_are_retried():
+    from clients._common import channel_options
+
+    config = json.loads(dict(channel_options(3))["grpc.service_config"])
+    names = {(n["service"], n["method"]) for n in config["methodConfig"][0]["name"]}
+    assert ("loraplex.v1.Inference", "Generate") in names
+    assert not {m for _, m in names} & {"UploadAdapter", "RegisterAdapter", "DeleteAdapter",
+                                         "PinAdapter", "UnpinAdapter"}
+    policy = config["methodConfig"][0]["retryPolicy"]
+    assert policy["maxAttempts"] == 4
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]

@@ -106,7 +106,8 @@ def test_image_runs_as_a_fixed_non_root_user_on_all_interfaces():
     assert ("VOLUME", '["/var/lib/loraplex"]') in runtime
     exposed = {int(port) for instruction, args in runtime if instruction == "EXPOSE"
                for port in args.split()}
-    assert exposed == {int(env["LORAPLEX_PORT"]), int(env["LORAPLEX_METRICS_PORT"])}
+    assert exposed == {int(env["LORAPLEX_PORT"]), int(env["LORAPLEX_METRICS_PORT"]),
+                       int(env["LORAPLEX_HTTP_PORT"])}
     entrypoint = json.loads(dict(runtime)["ENTRYPOINT"])
     assert entrypoint == ["loraplex", "serve"]
     assert 'loraplex = "server.cli:main"' in (ROOT / "pyproject.toml").read_text()

@@ -98,6 +98,10 @@ def test_counters_and_histograms_count_exactly_what_was_served(served):
     assert value("loraplex_adapters_resident", {"tier": "store"}) == 2
     assert value("loraplex_adapters_resident", {"tier": "host"}) == 2
     assert value("loraplex_adapters_resident", {"tier": "device"}) == 2
+    for adapter in ("a8", "a4"):  # each by name, for routing by affinity
+        for tier in ("device", "host"):
+            assert value("loraplex_adapter_resident", {"adapter": adapter, "tier": tier}) == 1
+    assert value("loraplex_adapter_resident", {"adapter": "_other", "tier": "host"}) == 0
     assert value("loraplex_num_requests_running") == value("loraplex_num_requests_waiting") == 0
     assert value("loraplex_kv_cache_usage_ratio") == 0
     assert value("loraplex_base_model_bytes") > 0 and value("loraplex_full_copy_bytes") > 0
@@ -117,6 +121,32 @@ def test_prefix_cache_series_count_the_prompt_tokens_found(served):
     assert value("loraplex_prefix_cache_blocks") >= 1  # kept, with no sequence running
     assert value("loraplex_prefix_cache_evictions_total") == 0
     assert value("loraplex_kv_cache_usage_ratio") == 0  # cached blocks count as free
+
+
+def test_host_residency_names_only_the_busiest_adapters(tiny_model_dir, tiny_adapter_dirs,
+                                                         tmp_path):
+    """Device slots are bounded by --max-slots; host RAM is not, so adapters outside the top K
+    by traffic are counted under _other (here K = 1)."""
+    def open_registry(spec):
+        return AdapterRegistry(AdapterStore(tmp_path / "store"), spec, max_rank=64,
+                               cache_bytes=2**24)
+
+    core = make_core(tiny_model_dir, {}, max_slots=2, registry=open_registry)
+    for name, source in (("a8", "all-r8"), ("a4", "attn-r4")):
+        d = tiny_adapter_dirs[source]
+        core.registry.register(name, (d / CONFIG_FILE).read_bytes(),
+                               (d / WEIGHTS_FILE).read_bytes())
+    with serving(core, top_adapters=1) as (channel, running):
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        stub.Generate(greedy([1, 2, 3], "a8", 2))
+        stub.Generate(greedy([1, 2, 3], "a4", 2))
+        value = running.metrics.registry.get_sample_value
+        assert value("loraplex_adapter_resident", {"adapter": "a8", "tier": "host"}) == 1
+        assert value("loraplex_adapter_resident", {"adapter": "a4", "tier": "host"}) is None
+        assert value("loraplex_adapter_resident", {"adapter": "_other", "tier": "host"}) == 1
+        assert value("loraplex_adapter_resident", {"adapter": "a4", "tier": "device"}) == 1
+    core.registry.close()
+    core.registry.store.close()
 
 
 def test_per_adapter_gauges_show_who_runs_and_who_waits(tiny_model_dir, tiny_adapter_dirs):

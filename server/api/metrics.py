@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from adapters_registry.resolver import OUTCOMES
 from server.engine.async_engine import RequestRecord
 from server.engine.core import EngineCore
 from server.engine.stats import EngineStats
@@ -83,6 +84,11 @@ class AdapterLabels:
                 self._scores = Tally({n: c // 2 for n, c in self._scores.items() if c // 2})
             return adapter if adapter in self._top else OTHER_LABEL
 
+    def is_top(self, adapter: str) -> bool:
+        """Whether the adapter has a series of its own now (without counting a request)."""
+        with self._lock:
+            return adapter in self._top
+
 
 class Metrics:
     def __init__(self, backend: Backend, *, top_adapters: int = 20, vllm_metrics: bool = False):
@@ -121,7 +127,7 @@ class Metrics:
             "loraplex_adapter_load_seconds", "Adapter loads into a tier: host (store to host "
             "RAM: read, sha256, validation) and device (host RAM to a slot).", ["tier"],
             buckets=LOAD_BUCKETS, registry=r)
-        r.register(_StateCollector(backend, vllm_metrics))
+        r.register(_StateCollector(backend, vllm_metrics, self.adapter_labels))
 
     def observe(self, record: RequestRecord) -> None:
         """Counts every request by outcome; the rest only for requests that ran (a refused one
@@ -156,9 +162,10 @@ class Metrics:
 class _StateCollector(Collector):
     """Gauges and cumulative counters read from the engine and registry at scrape time."""
 
-    def __init__(self, backend: Backend, vllm_metrics: bool):
+    def __init__(self, backend: Backend, vllm_metrics: bool, adapter_labels: AdapterLabels):
         self.backend = backend
         self.vllm_metrics = vllm_metrics
+        self.adapter_labels = adapter_labels
 
     def collect(self):
         if not self.backend.is_ready:  # still loading: nothing to report yet
@@ -182,6 +189,9 @@ class _StateCollector(Collector):
         yield from _per_adapter_series(stats)
         yield from _cost_series(ready.cost, registry)
         yield from _tier_series(stats, registry)
+        if registry.resolver is not None:
+            yield _resolver_series(registry.resolver)
+        yield _residency_series(stats, registry, self.adapter_labels)
         if self.vllm_metrics:
             yield from _vllm_series(stats, ready.core.config.max_slots)
 
@@ -282,6 +292,37 @@ def _tier_series(stats: EngineStats, registry):
     yield from families.values()
     yield resident
     yield resident_bytes
+
+
+def _resolver_series(resolver):
+    family = CounterMetricFamily(
+        "loraplex_adapter_resolutions", "Lookups of unregistered adapters in the "
+        "--adapter-resolver sources by outcome: resolved (found and stored), absent (found "
+        "nowhere), absent_cached (answered from the negative cache), failed (a bad adapter "
+        "or an unreachable source).", labels=["outcome"])
+    for outcome in OUTCOMES:
+        family.add_metric([outcome], resolver.counts[outcome])
+    return family
+
+
+def _residency_series(stats: EngineStats, registry, labels: AdapterLabels):
+    """Which adapters a replica holds, for routing by affinity: 1 per adapter in a device slot
+    (at most --max-slots series) and per adapter in host RAM that has a series of its own (the
+    --top-adapters busiest); the other host-RAM adapters are counted under OTHER_LABEL."""
+    family = GaugeMetricFamily(
+        "loraplex_adapter_resident", "1 for each adapter in a tier: device (a slot) or host "
+        f"(RAM); {OTHER_LABEL} counts host-RAM adapters outside the top K by traffic.",
+        labels=["adapter", "tier"])
+    for name in sorted({name for name, _ in stats.slot_adapters}):
+        family.add_metric([name, "device"], 1)
+    others = 0
+    for name in sorted({key.name for key in registry.resident()}):
+        if labels.is_top(name):
+            family.add_metric([name, "host"], 1)
+        else:
+            others += 1
+    family.add_metric([OTHER_LABEL, "host"], others)
+    return family
 
 
 def _vllm_series(stats: EngineStats, max_slots: int):
