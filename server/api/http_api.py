@@ -3,13 +3,15 @@
 `/v1/models`, `/v1/completions` and `/v1/chat/completions` (streamed as server-sent events with
 `stream: true`), plus `/health`, `/metrics`, the web page with its JSON routes
 (server/api/web.py) and adapter management with the admin token (server/api/http_admin.py:
-vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, the page's /api/admin routes). `model` is the base model's name or an adapter's.
-Requests go through the same `Engine` as gRPC, so they count in the same metrics and request log.
+vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, the page's /api/admin routes).
+`model` is the base model's name or an adapter's. Requests go through the same `Engine` as
+gRPC, so they count in the same metrics and request log.
 
-Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; a domain error's
-kind (server/errors.py) picks its HTTP status, type and code in `HTTP_ERRORS`. A client that disconnects
-cancels its generation, streamed or not. Defaults follow the OpenAI API, not the gRPC API:
-temperature 1, and for chat, max_tokens up to the context length.
+Errors have OpenAI's shape (server/api/http_errors.py: a domain error's kind picks its HTTP
+status, type and code once). Choices, whole answers and server-sent events are
+server/api/http_streams.py; a client that disconnects cancels its generation, streamed or not.
+Defaults follow the OpenAI API, not the gRPC API: temperature 1, and for chat, max_tokens up
+to the context length.
 """
 
 from __future__ import annotations
@@ -17,47 +19,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException
 
-from adapters_registry.store import InvalidNameError
+from server.api.http_admin import add_admin_routes
+from server.api.http_errors import ApiError, add_error_handlers
+from server.api.http_streams import event_stream, generate_all, usage
 from server.api.openai_fields import (chat_logprobs, completion_logprobs,
                                       echoed_prompt_logprobs, structured_output)
-from server.api.http_admin import add_admin_routes
 from server.api.web import add_web_routes
 from server.engine.async_engine import Engine
 from server.engine.core import FinishReason, GenerationRequest, RequestOutput
 from server.engine.sampler import SamplingParams
-from server.errors import DOMAIN_ERRORS, RETRY_AFTER_SECONDS, ConfigError, ErrorKind, kind_of
+from server.errors import ConfigError
 from server.serving import Backend, Tokens, check_bearer
 
 T = TypeVar("T")
 
-# A domain error's kind -> HTTP status, OpenAI error type, error code. The code is OpenAI's
-# where it has one, else the gRPC status name.
-HTTP_ERRORS = {
-    ErrorKind.INVALID: (400, "invalid_request_error", "invalid_argument"),
-    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
-    ErrorKind.OVERLOADED: (429, "rate_limit_error", "resource_exhausted"),
-    # A stored adapter that cannot be loaded: the request is well-formed, the model is unusable.
-    ErrorKind.FAILED_PRECONDITION: (422, "invalid_request_error", "failed_precondition"),
-    ErrorKind.UNAVAILABLE: (503, "server_error", "unavailable"),
-    ErrorKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
-    ErrorKind.PERMISSION_DENIED: (403, "invalid_request_error", "permission_denied"),
-}
 OPENAI_FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",
                   FinishReason.EOS: "stop"}
 # OpenAI fields loraplex cannot honour -> the values meaning "not used" (None always does).
@@ -69,20 +58,6 @@ OPENAI_TEMPERATURE = 1.0  # the OpenAI API's default; the gRPC API's is 0 (greed
 COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 MAX_CHOICES = 16  # n
 DRAIN_FACTOR = 4  # a body over the limit is read and dropped up to this many times the limit
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code)
-        self.retry_after = retry_after  # seconds, sent as Retry-After
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its answer was ready; the generation was cancelled."""
 
 
 # ---- request bodies (fields and defaults of the OpenAI API) ----------------------------------
@@ -191,8 +166,8 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
                     "finish_reason": finish and OPENAI_FINISH_REASONS[finish]}
 
         if not body.stream:
-            results = await _generate_all(request, engine, gens, body.model)
-            return {**head, "usage": _usage(results), "choices": [
+            results = await generate_all(request, engine, gens, body.model)
+            return {**head, "usage": usage(results), "choices": [
                 choice(i, echo + r.text, r.token_ids, r.logprobs, r.top_logprobs,
                        r.finish_reason, r.prompt) for i, r in enumerate(results)]}
 
@@ -208,7 +183,8 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
                                               out.new_top_logprobs, out.finish_reason, prompt)],
                    **_usage_field(body)}
 
-        return await _event_stream(request, engine, gens, body, head, chunks)
+        return await event_stream(request, engine, gens, body.model, head, chunks,
+                                  _include_usage(body))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -233,8 +209,8 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
             return chat_logprobs(tokenizer, token_ids, lps, tops if body.top_logprobs else None)
 
         if not body.stream:
-            results = await _generate_all(request, engine, gens, body.model)
-            return {**head, "object": "chat.completion", "usage": _usage(results), "choices": [{
+            results = await generate_all(request, engine, gens, body.model)
+            return {**head, "object": "chat.completion", "usage": usage(results), "choices": [{
                 "index": i, "message": {"role": "assistant", "content": r.text},
                 "logprobs": logprobs(r.token_ids, r.logprobs, r.top_logprobs),
                 "finish_reason": OPENAI_FINISH_REASONS[r.finish_reason]}
@@ -254,7 +230,8 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
                 "finish_reason": out.finish_reason and OPENAI_FINISH_REASONS[out.finish_reason]}],
                 **_usage_field(body)}
 
-        return await _event_stream(request, engine, gens, body, head, chunks)
+        return await event_stream(request, engine, gens, body.model, head, chunks,
+                                  _include_usage(body))
 
     app.include_router(v1)
 
@@ -269,7 +246,7 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
 
     add_web_routes(app, backend, tokens)
     add_admin_routes(app, backend, tokens)
-    _add_error_handlers(app)
+    add_error_handlers(app)
     return app
 
 
@@ -293,19 +270,6 @@ def _resolve(backend: Backend, body: _Sampling) -> tuple[Engine, str | None]:
             raise ApiError(400, f"{name} is not supported by loraplex", param=name,
                            code="unsupported_parameter")
     return engine, None if body.model == engine.core.model.name else body.model
-
-
-@contextlib.contextmanager
-def _model_errors(model: str, engine: Engine) -> Iterator[None]:
-    """An unknown adapter (or a name no adapter can have) is an unknown model: 404."""
-    try:
-        yield
-    except DOMAIN_ERRORS as exc:
-        if kind_of(exc) is not ErrorKind.NOT_FOUND and not isinstance(exc, InvalidNameError):
-            raise
-        raise ApiError(404, f"model {model!r} does not exist: it is neither the base model "
-                            f"{engine.core.model.name!r} nor a stored adapter", param="model",
-                       code="model_not_found") from exc
 
 
 def _prompt(prompt: str | list) -> dict:
@@ -401,21 +365,6 @@ def _prompt_text(tokenizer, prompt: dict) -> str:
     return tokenizer.decode(prompt["prompt_token_ids"])
 
 
-def _check_finished(finish_reason: str) -> None:
-    if finish_reason == FinishReason.CANCELLED:
-        raise ApiError(503, "the server cancelled the request (shutting down, or an engine "
-                            "failure: see its log)", type="server_error", code="cancelled")
-
-
-def _usage(results: list) -> dict:
-    """One request's usage, whatever its number of choices: the prompt counts once."""
-    prompt, cached = results[0].prompt_tokens, results[0].cached_tokens
-    completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def _include_usage(body: _Sampling) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -423,211 +372,6 @@ def _include_usage(body: _Sampling) -> bool:
 def _usage_field(body: _Sampling) -> dict:
     """With include_usage, every chunk has `usage`: null, and a last one carries it."""
     return {"usage": None} if _include_usage(body) else {}
-
-
-# ---- generation on behalf of an HTTP client ------------------------------------------------
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`; if the client disconnects first, cancels it (which aborts the generation)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise _ClientGone()
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _outputs(engine: Engine, gens: list[GenerationRequest]
-                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) of every generation as they come. The first choice's first
-    output comes before the others start: by then its prompt is in the prefix cache, and the
-    others compute only what the cache does not hold. Closing this closes every generation."""
-    first = engine.stream(gens[0])
-    async with contextlib.aclosing(first):
-        yield 0, await anext(first)
-        if len(gens) == 1:
-            async for out in first:
-                yield 0, out
-            return
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream) -> None:
-            try:
-                async with contextlib.aclosing(stream):
-                    async for out in stream:
-                        await merged.put((index, out, None))
-            except Exception as exc:  # refused (overloaded, ...): the request fails
-                await merged.put((index, None, exc))
-            await merged.put((index, None, None))
-
-        tasks = [asyncio.create_task(pump(0, first))]
-        tasks += [asyncio.create_task(pump(i, engine.stream(g))) for i, g in enumerate(gens[1:], 1)]
-        try:
-            running = len(tasks)
-            while running:
-                index, out, error = await merged.get()
-                if error is not None:
-                    raise error
-                if out is None:
-                    running -= 1
-                else:
-                    yield index, out
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@dataclasses.dataclass
-class _Choice:
-    """One choice's whole answer, gathered from its outputs."""
-
-    text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    prompt: tuple[list[int], list] | None = None  # an echoed prompt's ids and log-probabilities
-
-    def add(self, out: RequestOutput) -> None:
-        if out.prompt_logprobs is not None:
-            self.prompt = (out.prompt_token_ids, out.prompt_logprobs)
-        self.text += out.new_text
-        self.token_ids += out.new_token_ids
-        self.logprobs += out.new_logprobs
-        self.top_logprobs += out.new_top_logprobs
-        if out.finished:
-            self.finish_reason = out.finish_reason
-            self.prompt_tokens, self.completion_tokens, self.cached_tokens = (
-                out.prompt_tokens, out.completion_tokens, out.cached_tokens)
-
-
-async def _generate_all(request: Request, engine: Engine, gens: list[GenerationRequest],
-                        model: str) -> list[_Choice]:
-    """Every choice's whole answer; cancelled if the client leaves."""
-    async def gather() -> list[_Choice]:
-        choices = [_Choice() for _ in gens]
-        async with contextlib.aclosing(_outputs(engine, gens)) as outputs:
-            async for index, out in outputs:
-                choices[index].add(out)
-        return choices
-
-    with _model_errors(model, engine):
-        choices = await _unless_disconnected(request, gather())
-    for choice in choices:
-        _check_finished(choice.finish_reason)
-    return choices
-
-
-async def _event_stream(request: Request, engine: Engine, gens: list[GenerationRequest],
-                        body: _Sampling, head: dict,
-                        chunks: Callable[[int, RequestOutput], Iterator[dict]]
-                        ) -> StreamingResponse:
-    """Server-sent events: `chunks(choice, output)` for each engine output, the usage of all
-    choices when asked (stream_options.include_usage), then `[DONE]`.
-
-    The first output is awaited before the response starts, so a refused request gets its HTTP
-    status. Closing the outputs aborts every generation: that happens when the client
-    disconnects (the response task is cancelled) or the event generator is closed.
-    """
-    outputs = _outputs(engine, gens)
-    with _model_errors(body.model, engine):
-        first = await _unless_disconnected(request, anext(outputs))
-
-    async def events() -> AsyncIterator[str]:
-        finished = [_Choice() for _ in gens]
-        async with contextlib.aclosing(outputs):
-            index, out = first
-            while True:
-                if out.finish_reason == FinishReason.CANCELLED:
-                    error = ApiError(503, "the server cancelled the request (shutting down, or "
-                                          "an engine failure: see its log)",
-                                     type="server_error", code="cancelled")
-                    yield _sse(_error_body(error))
-                    break
-                for chunk in chunks(index, out):
-                    yield _sse(chunk)
-                if out.finished:
-                    finished[index].add(out)
-                try:
-                    index, out = await anext(outputs)
-                except StopAsyncIteration:
-                    if _include_usage(body):
-                        yield _sse({**head, "choices": [], "usage": _usage(finished)})
-                    break
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-# ---- errors ----------------------------------------------------------------------------------
-
-def _error_body(e: ApiError) -> dict:
-    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-
-
-def _error_response(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
-    if e.retry_after is not None:
-        headers["Retry-After"] = str(e.retry_after)
-    return JSONResponse(_error_body(e), status_code=e.status, headers=headers or None)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request, exc: ApiError):
-        return _error_response(exc)
-
-    async def domain_error(request, exc: Exception):
-        status, kind, code = HTTP_ERRORS[kind_of(exc)]
-        return _error_response(ApiError(status, str(exc), kind, code=code,
-                                        retry_after=RETRY_AFTER_SECONDS.get(kind_of(exc))))
-
-    for kind in DOMAIN_ERRORS:
-        app.add_exception_handler(kind, domain_error)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":  # its loc is a character position
-            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-            return _error_response(ApiError(400, message, code="invalid_argument"))
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        return _error_response(ApiError(400, message, param=param, code="invalid_argument"))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        return _error_response(ApiError(exc.status_code, str(exc.detail)))
-
-    @app.exception_handler(_ClientGone)
-    async def client_gone(request, exc: _ClientGone):
-        return Response(status_code=499)  # nobody reads it; "client closed request"
-
-    @app.exception_handler(Exception)
-    async def bug(request, exc: Exception):  # Starlette logs the traceback after this
-        return _error_response(ApiError(500, "internal error", "server_error"))
 
 
 # ---- the server ------------------------------------------------------------------------------
