@@ -43,7 +43,9 @@ class AdapterResolver:
         self._clock = clock
         self._absent_until: dict[str, float] = {}
         self._in_flight: dict[str, Future] = {}
-        self._lock = threading.Lock()
+        # Reentrant: a lookup that ends before its done-callback is added runs that callback
+        # at once, on the thread that holds the lock in `resolve`.
+        self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="adapter-resolve")
 
     def resolve(self, name: str) -> Future:
@@ -77,19 +79,23 @@ class AdapterResolver:
                     continue
                 self.registry.register_source(name, source)
             except SourceUnavailableError:
-                self.counts["failed"] += 1
+                self._count("failed")
                 raise
             except AdapterFormatError as exc:
-                self.counts["failed"] += 1
+                self._count("failed")
                 raise AdapterResolveError(f"adapter {name!r} found at {source} cannot be "
                                           f"served: {exc}") from None
-            self.counts["resolved"] += 1
+            self._count("resolved")
             log.info("adapter %r resolved from %s", name, source)
             return
         with self._lock:
             self._absent_until[name] = self._clock() + self.negative_ttl
             self.counts["absent"] += 1
         raise self._absent(name)
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:  # the lookups run on several threads
+            self.counts[outcome] += 1
 
     def _absent(self, name: str) -> UnknownAdapterError:
         return UnknownAdapterError(f"adapter {name!r} is not registered and no "

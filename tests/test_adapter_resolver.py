@@ -161,3 +161,11 @@ def test_a_replica_serves_an_adapter_uploaded_to_the_bucket_after_it_started(
             assert f'loraplex_adapter_resolutions_total{{outcome="{outcome}"}} {count}.0' in metrics
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_a_lookup_that_ends_at_once_does_not_deadlock(registry, source, tiny_adapter_dirs):
+    """A name registered meanwhile ends its lookup before `resolve` has added its callback."""
+    place(tiny_adapter_dirs, source, "quick")
+    registry.resolver.resolve("quick").result(timeout=60)
+    for _ in range(20):  # already stored: each lookup returns at once
+        registry.resolver.resolve("quick").result(timeout=60)
