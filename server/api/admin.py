@@ -168,7 +168,7 @@ def server_info(backend: Backend) -> admin_pb2.ServerInfo:
         adapters_in_slots=stats.slots_in_use,
         adapters_pinned=sum(state.pinned for state in statuses.values()),
         running_requests=stats.running, waiting_requests=stats.waiting,
-        cost=_cost_explainer(stored_cost(ready.cost, registry)))
+        cost=_cost_explainer(stored_cost(ready.cost, registry.store.list())))
 
 
 def _cost_explainer(report: CostReport) -> admin_pb2.CostExplainer:

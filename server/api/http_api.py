@@ -336,7 +336,8 @@ def _sampling(body: _Sampling, max_tokens: int | None, logprobs: bool,
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
         stop_token_ids=body.stop_token_ids, repetition_penalty=body.repetition_penalty,
         logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=body.ignore_eos,
-        structured=structured_output({**(body.model_extra or {}), **body.model_dump()}))
+        # response_format, guided_*, structured_outputs: fields the body models leave undeclared
+        structured=structured_output(body.model_extra or {}))
     return params if max_tokens is not None else dataclasses.replace(params, max_new_tokens=None)
 
 

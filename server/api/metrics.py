@@ -242,7 +242,7 @@ def _cost_series(base, registry):
     yield GaugeMetricFamily("loraplex_full_copy_bytes",
                             "Bytes of one fully fine-tuned copy of the base at its checkpoint's "
                             "precision.", value=base.full_copy_bytes)
-    report = stored_cost(base, registry)
+    report = stored_cost(base, registry.store.list())
     n = len(report.adapter_bytes)
     yield GaugeMetricFamily("loraplex_serving_bytes",
                             "Base as served + slot tables + every stored adapter.",

@@ -20,7 +20,7 @@ STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "c
 
 
 def structured_output(fields: dict) -> StructuredOutput | None:
-    """The one constraint among a body's fields (`fields`: the body as a dict), or None."""
+    """The one constraint among a body's fields (`fields`: its undeclared ones), or None."""
     found = []
     response_format = fields.get("response_format")
     if response_format is not None:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from adapters_registry.registry import adapter_key
 from server.model.memory import stored_cost
 from server.serving import Backend, Ready, Tokens, check_bearer
 from server.tools.cost import chart_series
@@ -59,8 +60,12 @@ def server_status(ready: Ready, *, admin_api: bool) -> dict:
     two polls.
     """
     core, registry, stats = ready.core, ready.registry, ready.engine.stats
-    report = stored_cost(ready.cost, registry)
-    adapters = [_adapter_entry(ready, record) for record in registry.store.list()]
+    records = registry.store.list()
+    in_host_memory = registry.resident()  # one snapshot for every adapter
+    adapters = [_adapter_entry(stats, record, in_host_memory=adapter_key(record) in in_host_memory,
+                               pinned=registry.is_pinned(record.name))
+                for record in records]
+    report = stored_cost(ready.cost, records)
     n = len(report.adapter_bytes)
     return {
         "model": {"name": core.model.name, "quantization": core.model.quantize,
@@ -88,20 +93,20 @@ def server_status(ready: Ready, *, admin_api: bool) -> dict:
 
 
 def adapter_status(ready: Ready, name: str) -> dict:
-    return _adapter_entry(ready, ready.registry.status(name).record)
+    status = ready.registry.status(name)
+    return _adapter_entry(ready.engine.stats, status.record,
+                          in_host_memory=status.in_host_memory, pinned=status.pinned)
 
 
-def _adapter_entry(ready: Ready, record) -> dict:
+def _adapter_entry(stats, record, *, in_host_memory: bool, pinned: bool) -> dict:
     """One adapter and its fastest tier: "slot" (its current version in a device slot), "host"
     (in the host-RAM cache) or "store"."""
-    registry, stats = ready.registry, ready.engine.stats
-    status = registry.status(record.name)
     if (record.name, record.version) in stats.slot_adapters:
         tier = "slot"
     else:
-        tier = "host" if status.in_host_memory else "store"
+        tier = "host" if in_host_memory else "store"
     return {"name": record.name, "version": record.version, "tier": tier,
-            "pinned": status.pinned, "size_bytes": record.weights_size,
+            "pinned": pinned, "size_bytes": record.weights_size,
             "running": stats.running_by_adapter.get(record.name, 0),
             "waiting": stats.waiting_by_adapter.get(record.name, 0),
             "error": record.error}

@@ -110,10 +110,11 @@ def cost_report(loaded_model, adapters: Mapping[str, LoraWeights],
                       full_copy_parameters=checkpoint_parameters(model_dir))
 
 
-def stored_cost(base: CostReport, registry) -> CostReport:
-    """`base` (a report without adapters) with every adapter in `registry`'s store, each
-    counted by the size of its adapter_model.safetensors (tensor bytes plus a small header)."""
-    return replace(base, adapter_bytes={r.name: r.weights_size for r in registry.store.list()})
+def stored_cost(base: CostReport, records) -> CostReport:
+    """`base` (a report without adapters) with the stored adapters `records` (the store's
+    `list()`), each counted by the size of its adapter_model.safetensors (tensor bytes plus a
+    small header)."""
+    return replace(base, adapter_bytes={r.name: r.weights_size for r in records})
 
 
 def model_bytes_as_served(hf: torch.nn.Module) -> int:
