@@ -29,14 +29,31 @@ class AdapterKey:
     name: str
     version: int
     digest: str
+    parts: tuple[AdapterKey, ...] = ()  # a mixture's components (adapters_registry/mixtures.py)
+
+    def is_stale(self, name: str, current: AdapterKey | None) -> bool:
+        """Whether adapter `name` being replaced or deleted (its current version is `current`,
+        None once deleted) makes this version stale: it is another version of `name`, or a
+        mixture of one."""
+        if self.name == name and self != current:
+            return True
+        return any(part.is_stale(name, current) for part in self.parts)
 
 
 @dataclass(frozen=True)
 class AdapterLease:
-    """Weights a running request holds; the registry frees them after `release(lease)`."""
+    """Weights a running request holds; the registry frees them after `release(lease)`.
+
+    A `cat` mixture's lease holds no weights of its own: `parts` are its components' leases, each
+    with the weight its update gets (adapters_registry/mixtures.py)."""
 
     key: AdapterKey
-    weights: LoraWeights
+    weights: LoraWeights | None
+    parts: tuple[tuple[AdapterLease, float], ...] = ()
+
+    def slot_uses(self) -> list[tuple[AdapterLease, float]]:
+        """The adapter versions this lease's tokens run through, each with its weight."""
+        return list(self.parts) if self.parts else [(self, 1.0)]
 
 
 class CacheFullError(RuntimeError):

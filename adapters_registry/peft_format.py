@@ -243,7 +243,7 @@ def _validate(name: str, config_raw: bytes, weights_raw: bytes | bytearray | mma
         _check_base_copy(name, key, tensors[key], spec.vocab_weights.get(path))
     if base_copies:  # hold only the LoRA tensors, not the file with its copies of the base
         tensors = {key: t.clone() for key, t in tensors.items() if key not in base_copies.values()}
-    weights = LoraWeights(name=name, rank=0)
+    weights = LoraWeights(name=name, rank=0, rslora=config.get("use_rslora", False))
     for path, h in halves.items():
         target, module = targets[path], modules[path]
         lora = LoraModuleWeights(a=tensors[h["A"]], b=tensors[h["B"]], scale=target.scale,

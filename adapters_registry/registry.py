@@ -28,6 +28,8 @@ from pathlib import Path
 
 from adapters_registry.host_cache import (AdapterKey, AdapterLease, CacheFullError, EntryState,
                                           HostCache)
+from adapters_registry.mixtures import (AdapterMix, MixtureError, cat_weights, check_mixable,
+                                        merge, mixture_key)
 from adapters_registry.peft_format import AdapterFormatError, parse_peft_adapter
 from adapters_registry.weights import LoraWeights
 from adapters_registry.spec import BaseModelSpec
@@ -62,8 +64,9 @@ class AdapterStatus:
 class _Load:
     """One load in flight: the futures of everyone waiting for `key`."""
 
-    def __init__(self, key: AdapterKey):
+    def __init__(self, key: AdapterKey, read: Callable[[], LoraWeights] | None):
         self.key = key
+        self.read = read  # builds the weights; None: read them from the store
         self.leases: list[Future] = []  # Future[AdapterLease], one per acquire
         self.pins: list[Future] = []  # Future[AdapterKey], one per pin
 
@@ -81,7 +84,9 @@ class AdapterRegistry:
         self.allowed_roots = [Path(root) for root in allowed_roots]
         self.max_adapter_bytes = max_adapter_bytes
         self.cache = HostCache(cache_bytes)
-        self._lock = threading.Lock()  # guards cache, _loads, _pinned
+        # guards cache, _loads, _pinned; reentrant: a lease granted under it runs its future's
+        # callbacks there, and a cat mixture's callback may release leases
+        self._lock = threading.RLock()
         self._loads: dict[AdapterKey, _Load] = {}
         self._pinned: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
@@ -91,6 +96,7 @@ class AdapterRegistry:
         self.resolver = None
         self.loads = 0
         self.load_failures = 0
+        self.merges = 0  # mixtures merged into host RAM
         # Called with the seconds each successful store -> RAM load took (metrics).
         self.load_observer: Callable[[float], None] | None = None
 
@@ -143,7 +149,7 @@ class AdapterRegistry:
         """Retires every cached version of `name` that is no longer current, tells listeners."""
         current = self.current_key(name)
         with self._lock:
-            for key in [k for k in self.cache.snapshot() if k.name == name and k != current]:
+            for key in [k for k in self.cache.snapshot() if k.is_stale(name, current)]:
                 self.cache.retire(key)
             repin = name in self._pinned and current is not None
         if repin:
@@ -168,9 +174,101 @@ class AdapterRegistry:
         key = adapter_key(self._servable(name))
         return self._request(key, pin=False)
 
+    def acquire_mixture(self, mix: AdapterMix, max_slots: int | None = None) -> Future:
+        """Future[AdapterLease] of a weighted mixture of the adapters' current versions
+        (adapters_registry/mixtures.py).
+
+        `cat`: a lease whose parts are leases on the components, loaded as by `acquire`. The
+        merged types: a lease on the merged adapter, built on a load worker the first time and
+        then kept in host RAM under its `mixture_key` like any adapter version (its bytes count
+        against the cache; it is evicted when idle, retired when a component changes).
+        Raises MixtureError or UnknownAdapterError now; the future fails with MixtureError when
+        the components cannot be combined. Pair the lease with one `release`.
+        """
+        mix.validate(max_slots)
+        parts = tuple(adapter_key(self._servable(name)) for name in mix.adapters)
+        if mix.effective == "cat":
+            futures = []
+            try:
+                for name in mix.adapters:
+                    futures.append(self.acquire(name))
+            except Exception:  # deleted since: the leases already asked for go back
+                for future in futures:
+                    future.add_done_callback(self._release_granted)
+                raise
+            return self._cat_lease(mix, futures)
+        key = mixture_key(mix, parts)
+        return self._request(key, pin=False, read=lambda: self._merge(mix, key))
+
     def release(self, lease: AdapterLease) -> None:
         with self._lock:
-            self.cache.release(lease.key)
+            for part, _ in lease.slot_uses():
+                self.cache.release(part.key)
+
+    def _release_granted(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release(future.result())
+
+    def _cat_lease(self, mix: AdapterMix, futures: list[Future]) -> Future:
+        """One future for the components' leases: their cat lease once all are granted; the
+        first failure (or a refusal of the components) releases those granted."""
+        combined: Future = Future()
+        pending = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_) -> None:
+            with lock:
+                pending[0] -= 1
+                if pending[0]:
+                    return
+            leases = [f.result() for f in futures if f.exception() is None]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            try:
+                if errors:
+                    raise errors[0]
+                parts = [lease.weights for lease in leases]
+                check_mixable(mix, parts)
+                key = mixture_key(mix, tuple(lease.key for lease in leases))
+                lease = AdapterLease(key, None, tuple(zip(leases, cat_weights(mix, parts))))
+            except Exception as exc:
+                for granted in leases:
+                    self.release(granted)
+                if combined.set_running_or_notify_cancel():
+                    combined.set_exception(exc)
+                return
+            if combined.set_running_or_notify_cancel():
+                combined.set_result(lease)
+            else:
+                self.release(lease)  # the caller left meanwhile
+
+        for future in futures:
+            future.add_done_callback(done)
+        return combined
+
+    def _merge(self, mix: AdapterMix, key: AdapterKey) -> LoraWeights:
+        """The merged adapter of `key`'s component versions (on a load worker): components in
+        host RAM are used in place (held meanwhile), the others read from the store."""
+        held, parts = [], []
+        try:
+            for part in key.parts:
+                with self._lock:
+                    resident = self.cache.lookup(part) is not None
+                    if resident:
+                        parts.append(self.cache.acquire(part))
+                        held.append(part)
+                if not resident:
+                    parts.append(self._read(part))
+            check_mixable(mix, parts, self.max_rank)
+            start = time.perf_counter()
+            merged = merge(mix, parts, key.name)
+        finally:
+            with self._lock:
+                for part in held:
+                    self.cache.release(part)
+        self.merges += 1
+        log.info("mixture %s merged in %.1f ms (%.1f MiB)", key.name,
+                 (time.perf_counter() - start) * 1e3, merged.nbytes / 2**20)
+        return merged
 
     def pin(self, name: str) -> Future:
         """Keeps `name` resident in host RAM (loading it now); Future[AdapterKey]."""
@@ -218,7 +316,8 @@ class AdapterRegistry:
         except AdapterCorruptError as exc:  # found corrupt by an earlier load
             raise AdapterLoadError(str(exc)) from None
 
-    def _request(self, key: AdapterKey, *, pin: bool) -> Future:
+    def _request(self, key: AdapterKey, *, pin: bool,
+                 read: Callable[[], LoraWeights] | None = None) -> Future:
         future: Future = Future()
         with self._lock:
             # A deleted version that is re-registered with the same content has the same key and
@@ -229,7 +328,7 @@ class AdapterRegistry:
                 return future
             load = self._loads.get(key)
             if load is None:
-                load = self._loads[key] = _Load(key)
+                load = self._loads[key] = _Load(key, read)
                 self._executor.submit(self._run_load, load)
             (load.pins if pin else load.leases).append(future)
         return future
@@ -251,7 +350,7 @@ class AdapterRegistry:
         key = load.key
         start = time.perf_counter()
         try:
-            weights = self._read(key)
+            weights = load.read() if load.read is not None else self._read(key)
             with self._lock:
                 evicted = self.cache.insert(key, weights)
                 self._loads.pop(key)
@@ -259,25 +358,35 @@ class AdapterRegistry:
                     self._grant(key, future, pin=False)
                 for future in load.pins:
                     self._grant(key, future, pin=True)
-                if self.current_key(key.name) != key:  # replaced or deleted while loading
+                if not self._is_current(key):  # replaced or deleted while loading
                     self.cache.retire(key)
         except Exception as exc:
             error = _load_error(key, exc)
+            refused = isinstance(error, MixtureError)  # the request's fault, not the load's
             with self._lock:
                 self._loads.pop(key, None)
-                self.load_failures += 1
+                self.load_failures += not refused
                 for future in load.leases + load.pins:
                     if future.set_running_or_notify_cancel():
                         future.set_exception(error)
-            log.warning("%s", error)
+            if not refused:
+                log.warning("%s", error)
             return
         elapsed = time.perf_counter() - start
+        if key.parts:  # a merge: logged by _merge
+            return
         self.loads += 1
         if self.load_observer is not None:
             self.load_observer(elapsed)
         log.info("adapter %s: version %d loaded into host RAM in %.1f ms (%.1f MiB)%s", key.name,
                  key.version, elapsed * 1e3, weights.nbytes / 2**20,
                  f", evicted {', '.join(k.name for k in evicted)}" if evicted else "")
+
+    def _is_current(self, key: AdapterKey) -> bool:
+        """Whether `key` is its adapter's current version (a mixture: all its components are)."""
+        if key.parts:
+            return all(self._is_current(part) for part in key.parts)
+        return self.current_key(key.name) == key
 
     def _read(self, key: AdapterKey) -> LoraWeights:
         """Store -> validated weights; the store verifies every blob's sha256 on read."""
@@ -289,7 +398,11 @@ class AdapterRegistry:
 def _load_error(key: AdapterKey, exc: Exception) -> Exception:
     """The error every waiter of a failed load gets: what failed, for which version, and why."""
     if isinstance(exc, UnknownAdapterError):  # deleted while the load was queued
+        if key.parts:
+            return exc
         return UnknownAdapterError(f"adapter {key.name!r} is not registered")
+    if isinstance(exc, MixtureError):
+        return exc
     what = f"adapter {key.name!r} version {key.version} cannot be loaded"
     if isinstance(exc, CacheFullError):
         return AdapterCacheFullError(f"{what}: {exc}")

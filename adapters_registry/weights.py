@@ -38,6 +38,7 @@ class LoraWeights:
     modules: dict[tuple[int, str], LoraModuleWeights] = field(default_factory=dict)
     embed_tokens: LoraModuleWeights | None = None
     lm_head: LoraModuleWeights | None = None
+    rslora: bool = False  # its scales are lora_alpha / sqrt(r) (what a PEFT merge copies)
 
     pinned: bool = False  # the tensors are in page-locked memory (`pin`)
 

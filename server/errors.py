@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 
+from adapters_registry.mixtures import MixtureError
 from adapters_registry.peft_format import AdapterFormatError
 from adapters_registry.registry import AdapterCacheFullError, AdapterLoadError
 from adapters_registry.resolver import AdapterResolveError
@@ -78,6 +79,7 @@ REGISTRY_KINDS: dict[type[Exception], ErrorKind] = {
     # First match wins: subclasses before their bases.
     SourceUnavailableError: ErrorKind.UNAVAILABLE,  # the storage's fault: retry later
     AdapterFormatError: ErrorKind.INVALID,  # a bad adapter or source
+    MixtureError: ErrorKind.INVALID,  # a mixture of adapters that cannot be combined
     InvalidNameError: ErrorKind.INVALID,
     UnknownAdapterError: ErrorKind.NOT_FOUND,
     AdapterCacheFullError: ErrorKind.OVERLOADED,  # running requests and pins hold the cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from server.config import EngineConfig
 from server.engine.core import EngineCore, GenerationRequest, load_engine_core
 from server.engine.sampler import SamplingParams
@@ -45,6 +47,18 @@ def run_to_completion(core: EngineCore, submissions=None, max_steps=10_000):
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
     return {rid: (tokens[rid], "".join(texts[rid]), reasons.get(rid)) for rid in tokens}
+
+
+def peft_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list]:
+    """Greedy decoding with a full forward per token, the plainest possible reference: the new
+    tokens and each step's fp32 logits row."""
+    ids, rows = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            rows.append(logits.float())
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], rows
 
 
 def record_logits(core: EngineCore) -> dict[str, list]:

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from tests.engine_helpers import greedy_request, make_core, record_logits, run_to_completion
+from tests.engine_helpers import (greedy_request, make_core, peft_greedy, record_logits,
+                                  run_to_completion)
 
 NEW_TOKENS = 6
 # Prompts of different lengths (token ids of the tiny model's 512-token vocabulary).
@@ -122,7 +123,7 @@ def reference(quantize, model_dir, adapter_dirs):
             _dequantize_before_the_first_forward(base, patch)
         models[adapter] = base if adapter is None else PeftModel.from_pretrained(
             base, str(adapter_dirs[adapter]))
-    results = {(adapter, index): _peft_greedy(model, prompt)
+    results = {(adapter, index): peft_greedy(model, prompt, NEW_TOKENS)
                for adapter, model in models.items() for index, prompt in enumerate(PROMPTS)}
     patch.undo()
     return results
@@ -145,17 +146,6 @@ def _dequantize_before_the_first_forward(model, patch: pytest.MonkeyPatch) -> No
     original = dora.dequantize_module_weight
     patch.setattr(dora, "dequantize_module_weight",
                   lambda module: weights[id(module)] if id(module) in weights else original(module))
-
-
-def _peft_greedy(model, prompt):
-    """Greedy decoding with a full forward per token: the plainest possible reference."""
-    ids, rows = list(prompt), []
-    with torch.inference_mode():
-        for _ in range(NEW_TOKENS):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            rows.append(logits.float())
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):], rows
 
 
 @pytest.fixture(scope="module")

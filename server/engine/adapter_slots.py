@@ -38,7 +38,14 @@ class AdapterSlots:
 
     def can_place(self, key: AdapterKey) -> bool:
         """Whether `acquire(key)` would succeed now."""
-        return key in self.slot_of or self.free_slots() > 0
+        return self.can_place_all([key])
+
+    def can_place_all(self, keys: list[AdapterKey]) -> bool:
+        """Whether acquiring every one of `keys` (distinct) would succeed now: those not in a
+        slot need free or idle slots other than the idle ones holding the rest."""
+        missing = sum(key not in self.slot_of for key in keys)
+        idle_own = sum(key in self._idle for key in keys)
+        return missing <= self.free_slots() - idle_own
 
     def acquire(self, key: AdapterKey) -> Placement | None:
         """The slot for `key` with one more reference; None: every slot is busy with others."""
@@ -80,8 +87,9 @@ class AdapterSlots:
             self._retired.add(key)
 
     def retire_stale(self, name: str, current: AdapterKey | None) -> None:
-        """Retires every version of adapter `name` other than `current` (None: all of them)."""
-        for key in [k for k in self.slot_of if k.name == name and k != current]:
+        """Retires every version of adapter `name` other than `current` (None: all of them),
+        and every mixture of such a version."""
+        for key in [k for k in self.slot_of if k.is_stale(name, current)]:
             self.retire(key)
 
     def free_slots(self) -> int:

@@ -8,7 +8,8 @@ model). Two policies choose the order in which the scheduler offers them admissi
   counter; admission offers the head of the backlogged tenant whose counter is smallest. A tenant
   that starts waiting again has its counter lifted to the smallest backlogged one, so time spent
   idle banks no credit. A client that floods one adapter then delays that adapter's requests, not
-  everyone's.
+  everyone's. A weighted mixture of adapters waits in its heaviest component's queue, and its
+  tokens are charged to its components in proportion to their |weights|.
 - `fcfs`: arrival order over all tenants, one queue.
 
 A preempted sequence goes back to the front (of its tenant's queue, and of the arrival order).
@@ -31,7 +32,18 @@ BASE_TENANT = ""
 
 
 def tenant_of(seq: Sequence) -> str:
+    """The queue a sequence waits in: its adapter's, the base model's, or for a mixture the
+    queue of its heaviest component."""
+    if seq.mixture is not None:
+        return seq.mixture.primary
     return seq.adapter.key.name if seq.adapter is not None else BASE_TENANT
+
+
+def tenant_shares(seq: Sequence) -> dict[str, float]:
+    """Whose tokens a sequence's tokens are: a mixture's split by its weights."""
+    if seq.mixture is not None:
+        return seq.mixture.shares()
+    return {tenant_of(seq): 1.0}
 
 
 class WaitingQueue:
@@ -64,8 +76,8 @@ class WaitingQueue:
         if not self.counts[tenant]:
             del self.counts[tenant]
 
-    def charge(self, tenant: str, tokens: int) -> None:
-        """The engine computes `tokens` tokens for `tenant` this step."""
+    def charge(self, seq: Sequence, tokens: int) -> None:
+        """The engine computes `tokens` tokens of `seq` this step (for its tenants)."""
 
     def offers(self) -> Iterator[Sequence]:
         """Sequences in the order the policy admits them. The scheduler removes each it admits
@@ -121,8 +133,10 @@ class FairQueue(WaitingQueue):
     def __contains__(self, seq: Sequence) -> bool:
         return seq in self._queues.get(tenant_of(seq), ())
 
-    def charge(self, tenant: str, tokens: int) -> None:
-        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens / self.weights.get(tenant, 1.0)
+    def charge(self, seq: Sequence, tokens: int) -> None:
+        for tenant, share in tenant_shares(seq).items():
+            self.counters[tenant] = (self.counters.get(tenant, 0.0)
+                                     + tokens * share / self.weights.get(tenant, 1.0))
 
     def _push(self, seq: Sequence) -> None:
         tenant = tenant_of(seq)

@@ -55,7 +55,7 @@ class RequestRecord:
     """One request's life, for metrics and the request log. Times in seconds."""
 
     request_id: str
-    adapter: str | None
+    adapter: str | None  # its name, or a mixture's label (`linear(json=0.5,pirate=0.5)`)
     finish_reason: str | None  # None: refused before it ran
     refusal: ErrorKind | None = None  # why it was refused (None with no finish reason: a bug)
     prompt_tokens: int = 0
@@ -65,6 +65,7 @@ class RequestRecord:
     ttft_seconds: float | None = None  # submission (lease wait included) to first token
     e2e_seconds: float = 0.0  # submission to the end
     token_gaps: list[float] = field(default_factory=list)  # between consecutive tokens
+    combination: str | None = None  # a mixture's combination type (linear, cat, svd, ties)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class _Tracked:
 
     sink: Callable[[RequestOutput], None]
     adapter: str | None
+    combination: str | None
     submitted: float  # time.monotonic() when stream() was called
     token_times: list[float] = field(default_factory=list)
 
@@ -140,7 +142,8 @@ class Engine:
         def add() -> None:
             try:  # the core owns the lease from here, and releases it if it refuses
                 self.core.add_prepared(prepared, request_id, adapter=lease)
-                self._requests[request_id] = _Tracked(deliver, request.adapter_id, submitted)
+                self._requests[request_id] = _Tracked(deliver, request.adapter_label,
+                                                      _combination(request), submitted)
                 loop.call_soon_threadsafe(_resolve, added, None)
             except Exception as exc:  # validation errors travel back to the caller
                 loop.call_soon_threadsafe(_resolve, added, exc)
@@ -167,28 +170,38 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     async def _lease(self, request: GenerationRequest) -> AdapterLease | None:
-        """The registry's lease on the request's adapter, waiting for a cold load if needed."""
-        if not request.adapter_id:
+        """The registry's lease on the request's adapter (or mixture), waiting for a cold load
+        (or a merge) if needed."""
+        if request.mixture is not None:
+            for name in request.mixture.adapters:
+                if self.registry.current_key(name) is None:
+                    await self._resolve(name)
+            future = self.registry.acquire_mixture(request.mixture, self.core.config.max_slots)
+        elif not request.adapter_id:
             return None
-        try:
-            future = self.registry.acquire(request.adapter_id)  # raises UnknownAdapterError now
-        except UnknownAdapterError:
-            if self.registry.resolver is None:
-                raise
-            # Looked for in the resolver's sources, once per name however many ask.
-            await asyncio.wrap_future(self.registry.resolver.resolve(request.adapter_id))
-            future = self.registry.acquire(request.adapter_id)
+        else:
+            try:
+                future = self.registry.acquire(request.adapter_id)  # raises UnknownAdapterError
+            except UnknownAdapterError:
+                await self._resolve(request.adapter_id)
+                future = self.registry.acquire(request.adapter_id)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             future.add_done_callback(self._release_unused)  # granted after the caller left
             raise
 
+    async def _resolve(self, name: str) -> None:
+        """Looks for an unregistered adapter in the resolver's sources (once per name however
+        many ask); without a resolver, the registry's acquire says it is unknown."""
+        if self.registry.resolver is not None:
+            await asyncio.wrap_future(self.registry.resolver.resolve(name))
+
     def _refused(self, request_id: str, request: GenerationRequest, submitted: float,
                  error: Exception) -> None:
         if self.observer is not None:
-            self.observer(RequestRecord(request_id, request.adapter_id or None, None,
-                                        refusal=kind_of(error),
+            self.observer(RequestRecord(request_id, request.adapter_label, None,
+                                        refusal=kind_of(error), combination=_combination(request),
                                         e2e_seconds=time.monotonic() - submitted))
 
     def _release_unused(self, future: Future) -> None:
@@ -266,13 +279,18 @@ class Engine:
             cached_tokens=last.cached_tokens, queue_seconds=last.queue_seconds,
             ttft_seconds=times[0] - tracked.submitted if times else None,
             e2e_seconds=time.monotonic() - tracked.submitted,
-            token_gaps=[b - a for a, b in zip(times, times[1:])]))
+            token_gaps=[b - a for a, b in zip(times, times[1:])],
+            combination=tracked.combination))
 
     def _fail_all(self) -> None:
         for request_id in list(self._requests):
             out = self.core.abort(request_id)
             if out is not None:
                 self._emit(out)
+
+
+def _combination(request: GenerationRequest) -> str | None:
+    return request.mixture.effective if request.mixture is not None else None
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from adapters_registry.host_cache import AdapterLease
+from adapters_registry.mixtures import AdapterMix
 from adapters_registry.registry import AdapterRegistry
 from adapters_registry.spec import BaseModelSpec
 from adapters_registry.weights import LoraWeights
@@ -36,7 +37,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import (Mask, SampleRow, Sampled, SamplingParams, prompt_logprobs,
                                    sample)
-from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
+from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence, slot_weights
 from server.engine.stats import EngineStats
 from server.engine.structured import Grammars, fill_bitmask, new_matcher
 from server.errors import ConfigError, InvalidRequest, Overloaded
@@ -65,6 +66,12 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     adapter_id: str | None = None  # None or "" = base model
     params: SamplingParams = field(default_factory=SamplingParams)
+    mixture: AdapterMix | None = None  # several adapters with weights, instead of adapter_id
+
+    @property
+    def adapter_label(self) -> str | None:
+        """How logs and metrics name what the request runs with (None: the base model)."""
+        return self.mixture.label if self.mixture is not None else self.adapter_id or None
 
 
 @dataclass
@@ -75,6 +82,7 @@ class PreparedRequest:
     adapter_id: str | None
     params: SamplingParams
     grammar: object | None = None  # the compiled structured-output constraint
+    mixture: AdapterMix | None = None
 
 
 @dataclass
@@ -172,7 +180,9 @@ class EngineCore:
             if adapter is not None:
                 self.registry.release(adapter)
             raise
-        if request.adapter_id and adapter is None:
+        if request.mixture is not None and adapter is None:
+            adapter = self.registry.acquire_mixture(request.mixture, self.config.max_slots).result()
+        elif request.adapter_id and adapter is None:
             adapter = self.registry.acquire(request.adapter_id).result()
         return self.add_prepared(prepared, request_id, adapter)
 
@@ -180,6 +190,10 @@ class EngineCore:
         """Checks a request and tokenizes its prompt. Reads only the model's tokenizer and
         limits, so any thread may call it (the async Engine uses a pool): a large prompt costs
         its own time, not the step loop's."""
+        if request.mixture is not None:
+            if request.adapter_id:
+                raise InvalidRequest("name either an adapter or a mixture of adapters, not both")
+            request.mixture.validate(self.config.max_slots)
         prompt_ids = self._prompt_ids(request)
         params = request.params
         if params.max_new_tokens is None:  # as many as the context leaves
@@ -193,7 +207,8 @@ class EngineCore:
         grammar = None
         if params.structured is not None:  # compiled here, on the caller's thread
             grammar = self.grammars.compile(params.structured)
-        return PreparedRequest(prompt_ids, request.adapter_id or None, params, grammar)
+        return PreparedRequest(prompt_ids, request.adapter_id or None, params, grammar,
+                               request.mixture)
 
     def add_prepared(self, prepared: PreparedRequest, request_id: str | None = None,
                      adapter: AdapterLease | None = None) -> str:
@@ -207,14 +222,18 @@ class EngineCore:
 
     def _add(self, prepared: PreparedRequest, request_id: str,
              adapter: AdapterLease | None) -> str:
-        self._check_queue(prepared.adapter_id or BASE_TENANT)
-        self._check_adapter(prepared.adapter_id, adapter)
+        mixture = prepared.mixture
+        self._check_queue(mixture.primary if mixture else prepared.adapter_id or BASE_TENANT)
+        if mixture is not None:
+            self._check_mixture(mixture, adapter)
+        else:
+            self._check_adapter(prepared.adapter_id, adapter)
         params = prepared.params
         seed = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(request_id=request_id, prompt_ids=prepared.prompt_ids, params=params,
-                       adapter=adapter, seed=seed)
+                       adapter=adapter, seed=seed, mixture=mixture)
         if prepared.grammar is not None:
             seq.matcher = new_matcher(prepared.grammar)
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer))
@@ -245,6 +264,15 @@ class EngineCore:
         if lease.weights.rank > self.config.max_rank:
             raise InvalidRequest(f"adapter {lease.key.name!r} has rank {lease.weights.rank}, "
                                  f"above --max-rank {self.config.max_rank}")
+
+    def _check_mixture(self, mixture: AdapterMix, lease: AdapterLease | None) -> None:
+        if lease is None or lease.key.name != mixture.label:
+            raise InvalidRequest(f"no lease was given for the mixture {mixture.label}")
+        for part, _ in lease.slot_uses():
+            if part.weights.rank > self.config.max_rank:
+                raise InvalidRequest(f"adapter {part.key.name!r} of the mixture has rank "
+                                     f"{part.weights.rank}, above --max-rank "
+                                     f"{self.config.max_rank}")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancels a request, freeing its KV blocks, adapter slot reference and lease at once."""
@@ -356,25 +384,23 @@ class EngineCore:
         return bitmask, rows
 
     def _retire_changed_adapters(self) -> None:
-        """Frees the device slots of replaced or deleted versions once no request uses them,
-        and drops their KV blocks from the prefix cache."""
+        """Frees the device slots of replaced or deleted versions (and of mixtures of them)
+        once no request uses them, and drops their KV blocks from the prefix cache."""
         while not self._changed.empty():
             name = self._changed.get()
             current = self.registry.current_key(name)
             self.slots.retire_stale(name, current)
-            self.kv.allocator.forget_adapter(lambda key: key.name == name and key != current)
+            self.kv.allocator.forget_adapter(lambda key: key.is_stale(name, current))
 
     def _write_new_slots(self, scheduled: list[ScheduledChunk]) -> None:
         """Admission: writes each adapter version placed in a slot that does not hold it yet
         (and computes a DoRA adapter's magnitude factors against the served weights)."""
-        for c in scheduled:
-            if not c.writes_slot:
-                continue
+        for slot, lease in (write for c in scheduled for write in c.writes):
             start = time.perf_counter()
             try:
-                self._write_slot(c.seq.slot, c.seq.adapter.weights)
+                self._write_slot(slot, lease.weights)
             except BaseException:
-                self.slots.retire(c.seq.adapter.key)  # half written: never hand it out again
+                self.slots.retire(lease.key)  # half written: never hand it out again
                 raise
             if self.slot_write_observer is not None:
                 self.slot_write_observer(time.perf_counter() - start)
@@ -467,7 +493,7 @@ def _chunk(c: ScheduledChunk) -> SeqChunk:
     seq = c.seq
     start = seq.num_computed
     return SeqChunk(token_ids=seq.tokens[start:start + c.num_tokens], start=start,
-                    block_table=seq.block_table, slot=seq.slot,
+                    block_table=seq.block_table, slots=slot_weights(seq),
                     needs_logits=start + c.num_tokens == seq.num_tokens,
                     all_logits=(seq.params.prompt_logprobs is not None
                                 and start < len(seq.prompt_ids)))

@@ -5,7 +5,9 @@ for a prompt still being prefilled), growing its KV blocks; when blocks run out 
 most recently admitted sequence (its blocks are freed and it is recomputed later). Then it admits
 waiting sequences in the order the admission policy offers them (server/engine/admission.py: fair
 across adapters, or first come first served) while the step's token budget, the batch size, the
-free KV blocks and the adapter slots allow. A sequence whose adapter cannot get a slot, whose
+free KV blocks and the adapter slots allow (a `cat` mixture of adapters needs a slot for each
+of its components at once; other mixtures are one merged adapter). A sequence whose adapter
+cannot get a slot, whose
 adapter is at --max-running-per-adapter, or whose slot write would exceed the step's budget of
 slot-write bytes (--max-slot-write-mb-per-step; the first write of a step always fits) is skipped
 for this step; one that does not fit the free KV blocks stops admission (memory is first come,
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 from adapters_registry.host_cache import AdapterLease
 from server.engine.adapter_slots import AdapterSlots
+from adapters_registry.mixtures import AdapterMix
 from server.engine.admission import FcfsQueue, WaitingQueue, tenant_of
 from server.engine.kv_cache import KVCache, block_hashes
 from server.engine.sampler import SamplingParams
@@ -47,14 +50,16 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: AdapterLease | None  # None = base model
+    adapter: AdapterLease | None  # None = base model; a mixture's lease for a mixture
     seed: int | None  # the sampling seed of a non-greedy sequence (server/engine/sampler.py)
+    mixture: AdapterMix | None = None  # what the request asked for, when a mixture
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache
-    slot: int = -1  # adapter slot while running, -1 = base model
+    slots: list[int] = field(default_factory=list)  # while running: the slot of each of
+                                                     # adapter.slot_uses(); none = base model
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     preemptions: int = 0
@@ -77,7 +82,12 @@ class Sequence:
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, from seq.num_computed on
-    writes_slot: bool = False  # admitted into a slot that does not hold its adapter version yet
+    # admitted into slots that do not hold these adapter versions yet: (slot, lease) to write
+    writes: list[tuple[int, AdapterLease]] = field(default_factory=list)
+
+    @property
+    def writes_slot(self) -> bool:
+        return bool(self.writes)
 
 
 class Scheduler:
@@ -116,7 +126,7 @@ class Scheduler:
             if not self._grow(seq, seq.num_computed + n, scheduled=chunks):
                 continue  # seq itself was preempted
             chunks.append(ScheduledChunk(seq, n))
-            self.waiting.charge(tenant_of(seq), n)
+            self.waiting.charge(seq, n)
             budget -= n
         self._admit(chunks, budget)
         return chunks
@@ -161,11 +171,8 @@ class Scheduler:
             if blocks + self.kv.allocator.unused(cached) > self.kv.allocator.num_free:
                 break  # memory is first come, first served
             self.waiting.remove(seq)
-            writes_slot = False
-            if seq.adapter is not None:
-                placement = self.slots.acquire(seq.adapter.key)
-                seq.slot, writes_slot = placement.slot, placement.needs_write
-                written += seq.adapter.weights.nbytes if writes_slot else 0
+            writes = self._place(seq)
+            written += sum(lease.weights.nbytes for _, lease in writes)
             self.kv.allocator.take(cached)
             seq.block_table = cached + self.kv.allocator.allocate(blocks)
             seq.num_computed = start
@@ -179,9 +186,19 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             self.running_counts[tenant_of(seq)] += 1
-            chunks.append(ScheduledChunk(seq, n, writes_slot))
-            self.waiting.charge(tenant_of(seq), n)
+            chunks.append(ScheduledChunk(seq, n, writes))
+            self.waiting.charge(seq, n)
             budget -= n
+
+    def _place(self, seq: Sequence) -> list[tuple[int, AdapterLease]]:
+        """Takes a slot for each adapter version seq runs through; returns those to write."""
+        writes = []
+        for lease, _ in _slot_uses(seq):
+            placement = self.slots.acquire(lease.key)
+            seq.slots.append(placement.slot)
+            if placement.needs_write:
+                writes.append((placement.slot, lease))
+        return writes
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks seq's tokens start with under its adapter version, leaving at
@@ -198,13 +215,13 @@ class Scheduler:
         limit = self.max_running_per_adapter
         if limit and self.running_counts[tenant_of(seq)] >= limit:
             return False
-        if seq.adapter is None:
-            return True
-        if seq.adapter.key in self.slots.slot_of:
-            return True  # its version is in a slot already: nothing to write
+        missing = [lease for lease, _ in _slot_uses(seq) if lease.key not in self.slots.slot_of]
+        if not missing:
+            return True  # base model, or its versions are in slots already: nothing to write
         limit = self.max_slot_write_bytes_per_step
-        fits = not limit or not written or written + seq.adapter.weights.nbytes <= limit
-        return fits and self.slots.can_place(seq.adapter.key)
+        nbytes = sum(lease.weights.nbytes for lease in missing)
+        fits = not limit or not written or written + nbytes <= limit
+        return fits and self.slots.can_place_all([lease.key for lease, _ in _slot_uses(seq)])
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledChunk]) -> bool:
         """Gives seq blocks for num_tokens positions, preempting the newest others if needed."""
@@ -240,10 +257,20 @@ class Scheduler:
         self.kv.allocator.free(seq.block_table)
         seq.block_table = []
         seq.registered_blocks = 0
-        if seq.adapter is not None and seq.slot >= 0:
-            self.slots.release(seq.adapter.key)
-        seq.slot = -1
+        for lease, _ in _slot_uses(seq)[:len(seq.slots)]:  # those placed in a slot
+            self.slots.release(lease.key)
+        seq.slots = []
 
 
 def _adapter_key(seq: Sequence):
     return seq.adapter.key if seq.adapter is not None else None
+
+
+def _slot_uses(seq: Sequence) -> list[tuple[AdapterLease, float]]:
+    """The adapter versions seq's tokens run through, each with its weight (none: base)."""
+    return seq.adapter.slot_uses() if seq.adapter is not None else []
+
+
+def slot_weights(seq: Sequence) -> list[tuple[int, float]]:
+    """While seq runs: (slot, weight) of each adapter version its tokens run through."""
+    return [(slot, weight) for slot, (_, weight) in zip(seq.slots, _slot_uses(seq))]

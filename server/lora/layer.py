@@ -16,6 +16,7 @@ from torch import nn
 
 from adapters_registry.weights import LoraWeights
 from adapters_registry.spec import TARGET_MODULES, module_path
+from server.host_to_device import upload
 from server.lora.dora import dora_factor, weight_row_sq_norms
 from server.lora.op import LoraKernel, SlotMapping, lora_apply
 from server.lora.vocab import MultiLoraEmbedding, MultiLoraLMHead
@@ -23,7 +24,11 @@ from server.lora.vocab import MultiLoraEmbedding, MultiLoraLMHead
 
 class LoraContext:
     """The per-step token -> slot mapping shared by every wrapped module; the slots of the
-    step's tokens and logits rows also as host lists (token_slots, logit_slots)."""
+    step's tokens and logits rows also as host lists (token_slots, logit_slots).
+
+    A token of a `cat` mixture runs through several slots, each with a weight: `mapping` holds
+    every token's first (slot, weight), `more_mappings` the further ones (tokens without one
+    are base-only there), and a wrapped Linear adds the op of each."""
 
     def __init__(self, kernel: LoraKernel | None = None):
         """kernel: the kernel chosen at engine start (`select_kernel`); None = PyTorch."""
@@ -31,11 +36,19 @@ class LoraContext:
         self.set_step(torch.empty(0, dtype=torch.long))
 
     def set_step(self, token_slots: torch.Tensor, logit_slots: list[int] | None = None,
-                 host_slots: list[int] | None = None) -> None:
+                 host_slots: list[int] | None = None, weights: list[float] | None = None,
+                 more_slots: list[tuple[list[int], list[float]]] = ()) -> None:
         """token_slots: [T] adapter slot of each packed token, -1 = base model; logit_slots: the
         slots of the rows whose logits the step computes (lm_head's input), default none;
-        host_slots: token_slots as a host list, when the caller has it (no device read)."""
-        self.mapping = SlotMapping.build(token_slots, self.kernel, host_slots)
+        host_slots: token_slots as a host list, when the caller has it (no device read);
+        weights: [T] each token's weight in its slot (None: all 1); more_slots: the further
+        (slots, weights) passes of cat mixtures' tokens, as host lists."""
+        self.mapping = SlotMapping.build(token_slots, self.kernel, host_slots, weights)
+        device = token_slots.device
+        self.more_mappings = [
+            SlotMapping.build(upload(torch.tensor(slots, dtype=torch.long), device),
+                              self.kernel, slots, pass_weights)
+            for slots, pass_weights in more_slots]
         self.token_slots = token_slots.tolist() if host_slots is None else host_slots
         self.logit_slots = logit_slots or []
 
@@ -80,6 +93,8 @@ class MultiLoraLinear(nn.Module):
             if self._dora_slots and not self._dora_slots.isdisjoint(mapping.present):
                 self._scale_base_output(y, mapping.rows)
             lora_apply(y, x, mapping, self.lora_a, self.lora_b, self.scale, self.lora_rank)
+        for more in self.context.more_mappings:
+            lora_apply(y, x, more, self.lora_a, self.lora_b, self.scale, self.lora_rank)
         return y
 
     def _scale_base_output(self, y: torch.Tensor, rows: torch.Tensor) -> None:

@@ -18,6 +18,8 @@ then runs per wrapped Linear with a handful of tensor ops:
   light slots span a compact range, or gathering their weights otherwise.
 
 Padded rows repeat a real token of the same entry; their scale is 0, so they add exactly 0.
+A mapping may weigh each token's update (`token_weights`, a weighted mixture's): the op is linear
+in x, so x is scaled once per call and every path below runs unchanged.
 Tables may be fp32 or bf16: x is cast to the table dtype, the result back to y's dtype.
 
 Two kernels serve the slots of a plan (`_KernelPlan`: tokens grouped by slot) instead:
@@ -199,12 +201,16 @@ class SlotMapping:
     rows: torch.Tensor | None = None  # [T] long, slot + 1 of each token (0 = base): row indices
                                       # of per-slot tables whose row 0 is the base's
     present: frozenset[int] = frozenset()  # the slots (>= 0) this step uses
+    token_weights: torch.Tensor | None = None  # [T, 1] fp32: each token's update is scaled by
+                                               # it (a mixture's weight); None: all 1
 
     @staticmethod
     def build(slot: torch.Tensor, kernel: LoraKernel | None = None,
-              host: list[int] | None = None) -> "SlotMapping":
+              host: list[int] | None = None,
+              weights: list[float] | None = None) -> "SlotMapping":
         """slot: [T] int, -1 = base model only; kernel: from `select_kernel`, None = PyTorch;
-        host: the same slots as a host list, when the caller has them (no device read)."""
+        host: the same slots as a host list, when the caller has them (no device read);
+        weights: [T] each token's weight (None: all 1)."""
         slot = slot.reshape(-1).long()
         slots = slot.tolist() if host is None else host
         groups: dict[int, list[int]] = {}
@@ -218,8 +224,12 @@ class SlotMapping:
         plan = None
         if groups and kernel is not None:
             plan = _kernel_plan(kernel, groups, slot.device)
+        token_weights = None
+        if weights is not None and groups:
+            token_weights = upload(torch.tensor(weights, dtype=torch.float32).view(-1, 1),
+                                   slot.device)
         return SlotMapping(len(slots), bool(groups), segments, batch, plan, slot + 1,
-                           frozenset(groups))
+                           frozenset(groups), token_weights)
 
 
 def _segment(s: int, rows: list[int], device: torch.device) -> _Segment:
@@ -284,6 +294,8 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, mapping: SlotMapping, A: torch.
         return
     if x.dim() != 2:
         x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # [T, in], [T, out]
+    if mapping.token_weights is not None:  # the op is linear in x: w·Δ(x) = Δ(w·x)
+        x = x * mapping.token_weights.to(x.dtype)
     plan = mapping.kernel
     if plan is not None and plan.run(y, x, A, B, scale, _NO_RANK if rank is None else rank,
                                      plan):

@@ -48,7 +48,8 @@ class SeqChunk:
     token_ids: list[int]  # tokens to compute now
     start: int  # position of token_ids[0] in the sequence
     block_table: list[int]  # KV blocks covering positions 0..start+len(token_ids)-1
-    slot: int  # adapter slot, -1 = base model
+    slots: list[tuple[int, float]]  # (adapter slot, weight) of each adapter its tokens run
+                                    # through: none = base model, several = a cat mixture
     needs_logits: bool  # True when the chunk ends the known tokens (a new token is sampled)
     all_logits: bool = False  # logits of every token of the chunk (prompt log-probabilities)
 
@@ -72,6 +73,9 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     token_slots: torch.Tensor  # [T] adapter slot of each token, -1 = base
     token_slots_host: list[int]  # the same on the host: the LoRA mapping groups them there
+    token_weights_host: list[float] | None  # [T] each token's weight in that slot; None: all 1
+    more_slots: list[tuple[list[int], list[float]]]  # cat mixtures: each token's 2nd, 3rd, ...
+                                                     # (slot, weight); -1 = none (host)
     write_rows: torch.Tensor  # [T] KV-cache row receiving each token's key and value
     groups: list[AttentionGroup]
     logit_rows: torch.Tensor  # [N] packed rows whose next-token logits are returned
@@ -89,14 +93,16 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
         offsets.append(len(ids))
         ids += chunk.token_ids
         positions += range(chunk.start, chunk.start + n)
-        slots += [chunk.slot] * n
+        slot = chunk.slots[0][0] if chunk.slots else -1
+        slots += [slot] * n
         rows += kv.rows_of(chunk.block_table, chunk.start, chunk.start + n)
         if chunk.all_logits:  # each row's logits predict the token after it
             logit_rows += range(len(ids) - n, len(ids))
-            logit_slots += [chunk.slot] * n
+            logit_slots += [slot] * n
         elif chunk.needs_logits:
             logit_rows.append(len(ids) - 1)
-            logit_slots.append(chunk.slot)
+            logit_slots.append(slot)
+    weights, more_slots = _slot_weights(chunks, offsets, len(ids))
     decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
     prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
     groups = [_attention_group([chunks[i] for i in members], [offsets[i] for i in members],
@@ -105,8 +111,25 @@ def build_step_inputs(chunks: list[SeqChunk], kv: KVCache, windows: set,
     as_long = lambda values: upload(torch.tensor(values, dtype=torch.long), device)  # noqa: E731
     return StepInputs(input_ids=as_long(ids), positions=as_long(positions),
                       token_slots=as_long(slots), token_slots_host=slots,
+                      token_weights_host=weights, more_slots=more_slots,
                       write_rows=as_long(rows), groups=groups,
                       logit_rows=as_long(logit_rows), logit_slots=logit_slots)
+
+
+def _slot_weights(chunks: list[SeqChunk], offsets: list[int], num_tokens: int
+                  ) -> tuple[list[float] | None, list[tuple[list[int], list[float]]]]:
+    """Each token's weight in its first slot (None: all 1, the usual case) and the passes of
+    its further (slot, weight), for the tokens of cat mixtures."""
+    if all(len(c.slots) <= 1 and (not c.slots or c.slots[0][1] == 1.0) for c in chunks):
+        return None, []
+    depth = max(len(c.slots) for c in chunks)
+    passes = [([-1] * num_tokens, [1.0] * num_tokens) for _ in range(depth)]
+    for chunk, offset in zip(chunks, offsets):
+        span = range(offset, offset + len(chunk.token_ids))
+        for (slot, weight), (pass_slots, pass_weights) in zip(chunk.slots, passes):
+            for t in span:
+                pass_slots[t], pass_weights[t] = slot, weight
+    return passes[0][1], passes[1:]
 
 
 def _attention_group(chunks: list[SeqChunk], offsets: list[int], kv: KVCache, windows: set,
@@ -166,7 +189,8 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Runs one step; returns fp32 logits [N, vocab] of the rows in `inputs.logit_rows`."""
         model = self.hf.model
-        self.lora.set_step(inputs.token_slots, inputs.logit_slots, inputs.token_slots_host)
+        self.lora.set_step(inputs.token_slots, inputs.logit_slots, inputs.token_slots_host,
+                           inputs.token_weights_host, inputs.more_slots)
         h = model.embed_tokens(inputs.input_ids)  # [T, hidden]
         cos, sin = model.rotary_emb(h, inputs.positions[None])  # [1, T, head_dim]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
