@@ -99,6 +99,7 @@ def _finish_reason(value: int) -> str | None:
 def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
                      adapter: str | None, logprobs: bool, chat: bool = False,
                      top_logprobs: int = 0, structured_output: dict | None = None,
+                     adapter_mixture: dict | None = None,
                      **params) -> inference_pb2.GenerateRequest:
     """`params` are SamplingParams fields; only those not None are set, and `params` itself only
     when one is, so the server's defaults apply to everything the caller left out. `chat`: the
@@ -115,6 +116,10 @@ def generate_request(prompt: str | None, prompt_token_ids: Sequence[int] | None,
         top_logprobs=top_logprobs)
     if structured_output is not None:
         request.structured_output.CopyFrom(_structured_output(structured_output))
+    if adapter_mixture is not None:
+        if adapter:
+            raise ValueError("give adapter or adapter_mixture, not both")
+        request.adapter_mixture.CopyFrom(_adapter_mixture(adapter_mixture))
     given = {key: value for key, value in params.items() if value is not None}
     if isinstance(given.get("stop"), str):
         given["stop"] = [given["stop"]]
@@ -135,6 +140,17 @@ def _structured_output(spec: dict) -> inference_pb2.StructuredOutput:
     if kind == "choice":
         return inference_pb2.StructuredOutput(choice=inference_pb2.Choices(choices=list(value)))
     return inference_pb2.StructuredOutput(**{kind: value})
+
+
+def _adapter_mixture(spec: dict) -> inference_pb2.AdapterMixture:
+    """{"adapters": [names], "weights": [numbers], "combination_type": "linear" (default) |
+    "cat" | "svd" | "ties", "density": number (ties)}: the same object as the HTTP API's."""
+    unknown = set(spec) - {"adapters", "weights", "combination_type", "density"}
+    if unknown:
+        raise ValueError(f"adapter_mixture has unknown keys: {', '.join(sorted(unknown))}")
+    return inference_pb2.AdapterMixture(
+        adapter_ids=list(spec.get("adapters", ())), weights=list(spec.get("weights", ())),
+        combination_type=spec.get("combination_type") or "", density=spec.get("density"))
 
 
 def _top(response: inference_pb2.GenerateResponse) -> list[list[tuple[int, float]]]:

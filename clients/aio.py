@@ -60,10 +60,11 @@ class AsyncLoraplexClient:
                        repetition_penalty: float | None = None, ignore_eos: bool | None = None,
                        logprobs: bool = False, top_logprobs: int = 0,
                        structured_output: dict | None = None,
+                       adapter_mixture: dict | None = None,
                        chat: bool = False, timeout: float | None = None) -> GenerateResult:
         request = generate_request(
             prompt, prompt_token_ids, adapter, logprobs, chat, top_logprobs, structured_output,
-            max_new_tokens=max_new_tokens,
+            adapter_mixture, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
             ignore_eos=ignore_eos)
@@ -82,12 +83,13 @@ class AsyncLoraplexClient:
                repetition_penalty: float | None = None, ignore_eos: bool | None = None,
                logprobs: bool = False, top_logprobs: int = 0,
                structured_output: dict | None = None,
+               adapter_mixture: dict | None = None,
                chat: bool = False, timeout: float | None = None) -> AsyncIterator[StreamDelta]:
         """`async for delta in client.stream(...)`; `aclose()` on it, or dropping it as leaving
         the loop early does, cancels the request."""
         request = generate_request(
             prompt, prompt_token_ids, adapter, logprobs, chat, top_logprobs, structured_output,
-            max_new_tokens=max_new_tokens,
+            adapter_mixture, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
             ignore_eos=ignore_eos)

@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--stop", action="append", help="a stop string (repeatable)")
     sampling = argparse.ArgumentParser(add_help=False, parents=[params])
     sampling.add_argument("--adapter", help="adapter name (default: the base model)")
+    sampling.add_argument("--mix", action="append", metavar="NAME=WEIGHT", type=_mix_part,
+                          help="an adapter of a weighted mixture, instead of --adapter "
+                               "(repeatable, up to 4)")
+    sampling.add_argument("--combination", choices=("linear", "cat", "svd", "ties"),
+                          help="how --mix combines the adapters (default: linear)")
+    sampling.add_argument("--density", type=float,
+                          help="ties: the fraction of each tensor's entries kept, (0, 1]")
     sampling.add_argument("--chat", action="store_true",
                           help="send the prompt as a user message: the server renders it with "
                                "the model's chat template")
@@ -171,7 +178,22 @@ def _params(args) -> dict:
 
 
 def _sampling(args) -> dict:
-    return dict(adapter=args.adapter, chat=args.chat, **_params(args))
+    mixture = None
+    if args.mix:
+        mixture = {"adapters": [name for name, _ in args.mix],
+                   "weights": [weight for _, weight in args.mix],
+                   "combination_type": args.combination, "density": args.density}
+    elif args.combination or args.density is not None:
+        raise SystemExit("--combination and --density go with --mix NAME=WEIGHT")
+    return dict(adapter=args.adapter, adapter_mixture=mixture, chat=args.chat, **_params(args))
+
+
+def _mix_part(value: str) -> tuple[str, float]:
+    name, _, weight = value.rpartition("=")
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT, got {value!r}") from None
 
 
 def _generate(client: LoraplexClient, args) -> None:

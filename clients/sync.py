@@ -62,11 +62,15 @@ class LoraplexClient:
                  repetition_penalty: float | None = None, ignore_eos: bool | None = None,
                  logprobs: bool = False, top_logprobs: int = 0,
                  structured_output: dict | None = None,
+                 adapter_mixture: dict | None = None,
                  chat: bool = False, timeout: float | None = None) -> GenerateResult:
-        """A whole completion. Sampling parameters left None take the server's defaults."""
+        """A whole completion. Sampling parameters left None take the server's defaults.
+        `adapter_mixture`, instead of `adapter`: several adapters with weights, as
+        {"adapters": [names], "weights": [numbers], "combination_type": "linear" | "cat" |
+        "svd" | "ties", "density": number (ties only)}."""
         request = generate_request(
             prompt, prompt_token_ids, adapter, logprobs, chat, top_logprobs, structured_output,
-            max_new_tokens=max_new_tokens,
+            adapter_mixture, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
             ignore_eos=ignore_eos)
@@ -85,12 +89,13 @@ class LoraplexClient:
                repetition_penalty: float | None = None, ignore_eos: bool | None = None,
                logprobs: bool = False, top_logprobs: int = 0,
                structured_output: dict | None = None,
+               adapter_mixture: dict | None = None,
                chat: bool = False, timeout: float | None = None) -> Iterator[StreamDelta]:
         """Deltas as they are produced; the last carries finish_reason and usage. Closing the
         iterator, or dropping it as leaving a for loop early does, cancels the request."""
         request = generate_request(
             prompt, prompt_token_ids, adapter, logprobs, chat, top_logprobs, structured_output,
-            max_new_tokens=max_new_tokens,
+            adapter_mixture, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stop_token_ids=stop_token_ids, repetition_penalty=repetition_penalty,
             ignore_eos=ignore_eos)

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapters_registry.mixtures import AdapterMix
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from server.api.admin import AdminServicer
 from server.api.auth import AuthInterceptor
@@ -120,7 +121,16 @@ def to_generation_request(request: inference_pb2.GenerateRequest) -> GenerationR
     return GenerationRequest(prompt=request.prompt or None,
                              prompt_token_ids=list(request.prompt_token_ids) or None,
                              messages=messages or None,
-                             adapter_id=request.adapter_id or None, params=params)
+                             adapter_id=request.adapter_id or None, params=params,
+                             mixture=_mixture(request))
+
+
+def _mixture(request: inference_pb2.GenerateRequest) -> AdapterMix | None:
+    if not request.HasField("adapter_mixture"):
+        return None
+    m = request.adapter_mixture
+    return AdapterMix(tuple(m.adapter_ids), tuple(m.weights), m.combination_type or "linear",
+                      m.density if m.HasField("density") else None)
 
 
 @dataclass

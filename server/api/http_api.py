@@ -33,10 +33,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters_registry.mixtures import AdapterMix
 from server.api.http_admin import add_admin_routes
 from server.api.http_errors import ApiError, add_error_handlers
 from server.api.http_streams import event_stream, generate_all, usage
-from server.api.openai_fields import (chat_logprobs, completion_logprobs,
+from server.api.openai_fields import (adapter_mixture, chat_logprobs, completion_logprobs,
                                       echoed_prompt_logprobs, structured_output)
 from server.api.web import add_web_routes
 from server.engine.async_engine import Engine
@@ -135,14 +136,14 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
     @v1.post("/completions")
     async def completions(request: Request):
         body = await _read_body(request, CompletionBody, backend, max_body_bytes)
-        engine, adapter = _resolve(backend, body)
+        engine, adapter, mixture = _resolve(backend, body)
         wants_logprobs = body.logprobs is not None
         params = _sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS, wants_logprobs,
                            body.logprobs or 0)
         if body.echo and wants_logprobs:  # the prompt's too: computed whole, not from the cache
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         prompt = _prompt(body.prompt)
-        gens = [GenerationRequest(**prompt, adapter_id=adapter, params=p)
+        gens = [GenerationRequest(**prompt, adapter_id=adapter, params=p, mixture=mixture)
                 for p in _choice_params(params, body.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model}
@@ -189,7 +190,7 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_body(request, ChatBody, backend, max_body_bytes)
-        engine, adapter = _resolve(backend, body)
+        engine, adapter, mixture = _resolve(backend, body)
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = _chat_messages(engine.core.tokenizer, body.messages)
@@ -197,7 +198,8 @@ def create_app(backend: Backend, tokens: Tokens, metrics_registry: CollectorRegi
         # the conversation on a preparation thread.
         params = _sampling(body, body.max_completion_tokens or body.max_tokens,
                            bool(body.logprobs), body.top_logprobs or 0)
-        gens = [GenerationRequest(messages=messages, adapter_id=adapter, params=p)
+        gens = [GenerationRequest(messages=messages, adapter_id=adapter, params=p,
+                                  mixture=mixture)
                 for p in _choice_params(params, body.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body.model}
@@ -258,9 +260,11 @@ def _authorizer(tokens: Tokens) -> Callable[[Request], Awaitable[None]]:
     return authorize
 
 
-def _resolve(backend: Backend, body: _Sampling) -> tuple[Engine, str | None]:
-    """The engine, and the adapter `body.model` names (None: the base model); refuses what
-    loraplex does not support."""
+def _resolve(backend: Backend, body: _Sampling
+             ) -> tuple[Engine, str | None, AdapterMix | None]:
+    """The engine, the adapter `body.model` names (None: the base model) and the mixture of
+    adapters the body asks for (`model` then names the base model); refuses what loraplex does
+    not support."""
     engine = backend.ready().engine
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise ApiError(400, "best_of must equal n: loraplex returns every sequence it "
@@ -269,7 +273,12 @@ def _resolve(backend: Backend, body: _Sampling) -> tuple[Engine, str | None]:
         if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
             raise ApiError(400, f"{name} is not supported by loraplex", param=name,
                            code="unsupported_parameter")
-    return engine, None if body.model == engine.core.model.name else body.model
+    mixture = adapter_mixture(body.model_extra or {})
+    base = engine.core.model.name
+    if mixture is not None and body.model != base:
+        raise ApiError(400, f"with adapter_mixture, model names the base model ({base!r}), "
+                            f"not {body.model!r}", param="model")
+    return engine, None if body.model == base else body.model, mixture
 
 
 def _prompt(prompt: str | list) -> dict:

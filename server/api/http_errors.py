@@ -46,12 +46,16 @@ class ClientGone(Exception):
 
 @contextlib.contextmanager
 def model_errors(model: str, engine: Engine) -> Iterator[None]:
-    """An unknown adapter (or a name no adapter can have) is an unknown model: 404."""
+    """An unknown adapter (or a name no adapter can have) is an unknown model: 404. With the
+    base model as `model`, the adapter is one of an adapter_mixture's: its own message."""
     try:
         yield
     except DOMAIN_ERRORS as exc:
         if kind_of(exc) is not ErrorKind.NOT_FOUND and not isinstance(exc, InvalidNameError):
             raise
+        if model == engine.core.model.name:
+            raise ApiError(404, str(exc), param="adapter_mixture",
+                           code="adapter_not_found") from exc
         raise ApiError(404, f"model {model!r} does not exist: it is neither the base model "
                             f"{engine.core.model.name!r} nor a stored adapter", param="model",
                        code="model_not_found") from exc

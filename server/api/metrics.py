@@ -127,6 +127,10 @@ class Metrics:
             "loraplex_adapter_load_seconds", "Adapter loads into a tier: host (store to host "
             "RAM: read, sha256, validation) and device (host RAM to a slot).", ["tier"],
             buckets=LOAD_BUCKETS, registry=r)
+        self.mixture_requests = Counter(
+            "loraplex_mixture_requests", "Requests that ran with a weighted mixture of adapters "
+            "(their per-adapter series name the mixture), by combination type.",
+            ["combination"], registry=r)
         r.register(_StateCollector(backend, vllm_metrics, self.adapter_labels))
 
     def observe(self, record: RequestRecord) -> None:
@@ -137,6 +141,8 @@ class Metrics:
             return
         label = self.adapter_labels.label(record.adapter)
         self.adapter_requests.labels(label).inc()
+        if record.combination is not None:
+            self.mixture_requests.labels(record.combination).inc()
         self.e2e.observe(record.e2e_seconds)
         self.queue.observe(record.queue_seconds)
         if record.ttft_seconds is not None:
@@ -289,6 +295,10 @@ def _tier_series(stats: EngineStats, registry):
     yield CounterMetricFamily("loraplex_adapter_load_failures",
                               "Store -> host RAM loads that failed.",
                               value=registry.load_failures)
+    yield CounterMetricFamily("loraplex_adapter_merges",
+                              "Weighted mixtures merged into one adapter in host RAM (linear, "
+                              "svd, ties; kept there, and counted in its bytes, like any "
+                              "adapter).", value=registry.merges)
     yield from families.values()
     yield resident
     yield resident_bytes

@@ -3,12 +3,17 @@
 Structured output comes as OpenAI's `response_format` (`json_object`, `json_schema`) or with
 vLLM's names in `extra_body`: `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
 or `structured_outputs: {json | regex | choice | grammar}`. A request names at most one.
+
+A weighted mixture of adapters comes in `extra_body` as `adapter_mixture: {adapters: [names],
+weights: [numbers], combination_type: linear | cat | svd | ties, density: number}` (PEFT's
+add_weighted_adapter names), with `model` naming the base model.
 """
 
 from __future__ import annotations
 
 import json
 
+from adapters_registry.mixtures import AdapterMix
 from server.engine.structured import StructuredOutput
 from server.errors import InvalidRequest
 
@@ -40,6 +45,35 @@ def structured_output(fields: dict) -> StructuredOutput | None:
         raise InvalidRequest(f"give one structured output constraint, not "
                              f"{', '.join(name for name, _ in found)}")
     return found[0][1] if found else None
+
+
+def adapter_mixture(fields: dict) -> AdapterMix | None:
+    """The body's `adapter_mixture` (`fields`: its undeclared ones), or None."""
+    value = fields.get("adapter_mixture")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest("adapter_mixture must be an object: {adapters, weights, "
+                             "combination_type, density}")
+    unknown = set(value) - {"adapters", "weights", "combination_type", "density"}
+    if unknown:
+        raise InvalidRequest(f"adapter_mixture has unknown fields: {', '.join(sorted(unknown))}")
+    adapters, weights = value.get("adapters"), value.get("weights")
+    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+        raise InvalidRequest("adapter_mixture.adapters must be a list of adapter names")
+    if not isinstance(weights, list) or not all(_is_number(w) for w in weights):
+        raise InvalidRequest("adapter_mixture.weights must be a list of numbers")
+    combination = value.get("combination_type", "linear")
+    if not isinstance(combination, str):
+        raise InvalidRequest("adapter_mixture.combination_type must be a string")
+    density = value.get("density")
+    if density is not None and not _is_number(density):
+        raise InvalidRequest("adapter_mixture.density must be a number")
+    return AdapterMix(tuple(adapters), tuple(weights), combination, density)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _response_format(value) -> list[tuple[str, StructuredOutput]]:

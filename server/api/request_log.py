@@ -16,6 +16,7 @@ def log_request(record: RequestRecord) -> None:
     """`request r12 adapter=sql outcome=length prompt_tokens=5 ... total_ms=812.4`; with the
     JSON format the same fields are keys of the line's object."""
     fields = {"request_id": record.request_id, "adapter": record.adapter or "",
+              **({"combination": record.combination} if record.combination else {}),
               "outcome": outcome(record), "prompt_tokens": record.prompt_tokens,
               "completion_tokens": record.completion_tokens,
               "cached_tokens": record.cached_tokens,
