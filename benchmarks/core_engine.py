@@ -269,6 +269,31 @@ def measure(configs: list[Config], new_tokens: int, repeats: int, log: Log) -> d
     return runs
 
 
+def mix_benchmark_args(doc: str, out: Path, argv: list[str] | None) -> argparse.Namespace:
+    """--repeats, --new-tokens and --out of the benchmarks that vary the core engine's batch
+    (dora_mix, mixtures)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved runs per config (>= 3: verdicts come from medians)")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--out", type=Path, default=out)
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3")
+    return args
+
+
+def runs_table(configs: list[Config], runs: dict[str, list[Run]]) -> list[str]:
+    """Markdown rows: each config's median tok/s, spread (min-max) and CPU busy."""
+    lines = ["| config | median tok/s | spread | CPU busy |", "|---|---|---|---|"]
+    for c in configs:
+        tok_s = [r.tok_s for r in runs[c.key]]
+        busy = [r.cpu_seconds / r.seconds for r in runs[c.key]]
+        lines.append(f"| ({c.key}) {c.label} | {statistics.median(tok_s):.1f} | "
+                     f"{min(tok_s):.1f}-{max(tok_s):.1f} | {min(busy):.2f}-{max(busy):.2f} |")
+    return lines
+
+
 def work_problems(runs: dict[str, list[Run]], new_tokens: int) -> list[str]:
     """Every run must have produced NUM_PROMPTS x new_tokens tokens; returns what did not."""
     return [f"({key}) run {i + 1}: {sorted({len(row) for row in run.tokens})} tokens per row in "

@@ -18,7 +18,6 @@ Target: (e) >= 0.75 x (c), reported for both table dtypes. Writes benchmarks/rep
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -31,9 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.core_engine import (NEW_TOKENS, NUM_PROMPTS, THREADS, WARMUP_TOKENS, Config, Log,
+from benchmarks.core_engine import (NUM_PROMPTS, THREADS, WARMUP_TOKENS, Config, Log,
                                     build_assets, generate_loraplex, load_core, machine,
-                                    make_prompts, run_config)
+                                    make_prompts, mix_benchmark_args, run_config, runs_table)
 from server.tools.demo import default_cache_dir
 
 DORA_SHARE = 16  # of the 32 sequences
@@ -77,14 +76,7 @@ def dora_variants(model_dir: Path, adapters: dict[str, Path], root: Path, log: L
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved runs per config (>= 3: verdicts come from medians)")
-    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args(argv)
-    if args.repeats < 3:
-        parser.error("--repeats must be at least 3")
+    args = mix_benchmark_args(__doc__, OUT, argv)
     torch.set_num_threads(THREADS)
     load_before = os.getloadavg()[0]
     log = Log()
@@ -132,12 +124,7 @@ def main(argv: list[str] | None = None) -> None:
              "included); CPU busy = this process's CPU seconds / wall seconds (at most "
              f"{THREADS}.00; lower: other processes took CPU).", "",
              f"Command: `{command.strip()}`  ", f"Date: {datetime.date.today().isoformat()}", "",
-             "| config | median tok/s | spread | CPU busy |", "|---|---|---|---|"]
-    for c in configs:
-        tok_s = [r.tok_s for r in runs[c.key]]
-        busy = [r.cpu_seconds / r.seconds for r in runs[c.key]]
-        lines.append(f"| ({c.key}) {c.label} | {median[c.key]:.1f} | {min(tok_s):.1f}-"
-                     f"{max(tok_s):.1f} | {min(busy):.2f}-{max(busy):.2f} |")
+             *runs_table(configs, runs)]
     lines += ["", *verdict(median), "",
               f"- load average (1 min) before the run {load_before:.2f}, after "
               f"{os.getloadavg()[0]:.2f}", "",
