@@ -145,6 +145,22 @@ def test_mixtures_plain_adapters_and_base_in_one_batch_match_peft(core, referenc
     _assert_all_returned(core)
 
 
+def test_mixtures_survive_preemption_and_chunked_prefill(tiny_model_dir, adapter_dirs,
+                                                         reference):
+    """A tiny KV cache (blocks of 4 tokens): sequences wait, are preempted and recomputed, and
+    prompts are prefilled in chunks; a cat mixture gives back all its slots each time."""
+    core = make_core(tiny_model_dir, adapter_dirs, max_slots=6, max_rank=64, kv_block_size=4,
+                     kv_cache_mb=0.03, max_step_tokens=8,
+                     max_batch_size=8)
+    logits = record_logits(core)
+    cases = [(case, index) for case in ("cat", "linear", "all-r8", None)
+             for index in range(len(PROMPTS))]
+    results = run_to_completion(core, {0: [(f"{c}/{i}", _request(c, i)) for c, i in cases]})
+    assert core.scheduler.preemptions > 0  # guards the test
+    _assert_matches(results, logits, reference, cases)
+    _assert_all_returned(core)
+
+
 @pytest.mark.parametrize("kernels", [dict(lora_kernel="torch"),
                                      dict(lora_kernel="triton", attention_kernel="triton")],
                          ids=["pytorch-op", "cuda-kernels"])
