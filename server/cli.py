@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_flags(generate)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--adapter", default=None, help="adapter name (default: base model)")
+    generate.add_argument("--mix", action="append", default=[], metavar="NAME=WEIGHT",
+                          help="an adapter of a weighted mixture, instead of --adapter "
+                               "(repeatable, up to 4)")
+    generate.add_argument("--combination", default="linear",
+                          help="how --mix combines the adapters: linear, cat, svd or ties")
+    generate.add_argument("--density", type=float, default=None,
+                          help="ties: the fraction of each tensor's entries kept, (0, 1]")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)
@@ -136,11 +143,13 @@ def _run_generate(args) -> None:
     from server.engine.core import GenerationRequest
     from server.engine.sampler import SamplingParams
 
+    mixture = _mixture(args)  # checked before the model loads
     core = _load_core(args)
     params = SamplingParams.given(max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed)
-    core.add_request(GenerationRequest(prompt=args.prompt, adapter_id=args.adapter, params=params))
+    core.add_request(GenerationRequest(prompt=args.prompt, adapter_id=args.adapter, params=params,
+                                       mixture=mixture))
     started = time.monotonic()
     pieces, reason, count = [], None, 0
     while core.has_work():
@@ -150,6 +159,25 @@ def _run_generate(args) -> None:
             reason = out.finish_reason or reason
     print("".join(pieces))
     log.info("%d tokens in %.2f s, finish reason %s", count, time.monotonic() - started, reason)
+
+
+def _mixture(args):
+    """The --mix NAME=WEIGHT adapters as a mixture, or None."""
+    from adapters_registry.mixtures import AdapterMix
+
+    if not args.mix:
+        return None
+    names, weights = [], []
+    for value in args.mix:
+        name, _, weight = value.rpartition("=")
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            raise ConfigError(f"--mix expects NAME=WEIGHT, got {value!r}") from None
+        names.append(name)
+    mixture = AdapterMix(tuple(names), tuple(weights), args.combination, args.density)
+    mixture.validate()
+    return mixture
 
 
 def _run_serve(args) -> None:

@@ -73,8 +73,25 @@ def test_generate_prints_text(env):
     assert result.stdout.strip()
 
 
+def test_generate_takes_a_mixture(env):
+    """A cat mixture whose second weight is 0 answers exactly as its first adapter alone."""
+    common = ["generate", "--prompt", "Hi", "--max-new-tokens", "5", "--quantize", "none"]
+    alone = _run(common + ["--adapter", "all-r16"], env)
+    mixed = _run(common + ["--mix", "all-r16=1", "--mix", "attn-r4=0", "--combination", "cat"],
+                 env)
+    assert mixed.returncode == 0, mixed.stderr
+    assert mixed.stdout == alone.stdout
+    refused = _run(common + ["--mix", "all-r16=1", "--mix", "attn-r4=1"], env)  # ranks differ
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        "linear needs adapters of one rank, got all-r16: r=16, attn-r4: r=4; use cat or svd for "
+        "different ranks")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/dir"], "model directory not found"),
+    (["--mix", "all-r16=one"], "--mix expects NAME=WEIGHT"),
+    (["--mix", "all-r16=1", "--combination", "dare"], "combination type 'dare' is not one of"),
     (["--quantize", "none", "--max-slots", "0"], "--max-slots must be at least 1"),
     (["--adapter-dir", "broken"], "--adapter-dir expects NAME=PATH"),
 ])
