@@ -51,9 +51,9 @@ class AdapterLease:
     weights: LoraWeights | None
     parts: tuple[tuple[AdapterLease, float], ...] = ()
 
-    def slot_uses(self) -> list[tuple[AdapterLease, float]]:
+    def slot_uses(self) -> tuple[tuple[AdapterLease, float], ...]:
         """The adapter versions this lease's tokens run through, each with its weight."""
-        return list(self.parts) if self.parts else [(self, 1.0)]
+        return self.parts or ((self, 1.0),)
 
 
 class CacheFullError(RuntimeError):

@@ -27,6 +27,7 @@ density (`mixture_key`), and served from one device slot like any adapter.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class AdapterMix:
         admission queue."""
         return max(zip(self.adapters, self.weights), key=lambda nw: abs(nw[1]))[0]
 
+    @functools.cached_property
     def shares(self) -> dict[str, float]:
         """Each adapter's share of the mixture's tokens, by |weight| (equal when all are 0)."""
         total = sum(abs(w) for w in self.weights)

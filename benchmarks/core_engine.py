@@ -283,6 +283,15 @@ def mix_benchmark_args(doc: str, out: Path, argv: list[str] | None) -> argparse.
     return args
 
 
+def write_mix_report(out: Path, lines: list[str]) -> None:
+    """Writes (and prints) a report of the benchmarks that vary the core engine's batch, with
+    the machine section appended."""
+    lines = [*lines, "## Machine", "", *(f"- {k}: {v}" for k, v in machine().items()), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def runs_table(configs: list[Config], runs: dict[str, list[Run]]) -> list[str]:
     """Markdown rows: each config's median tok/s, spread (min-max) and CPU busy."""
     lines = ["| config | median tok/s | spread | CPU busy |", "|---|---|---|---|"]

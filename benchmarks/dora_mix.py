@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.core_engine import (NUM_PROMPTS, THREADS, WARMUP_TOKENS, Config, Log,
-                                    build_assets, generate_loraplex, load_core, machine,
-                                    make_prompts, mix_benchmark_args, run_config, runs_table)
+                                    build_assets, generate_loraplex, load_core,
+                                    make_prompts, mix_benchmark_args, run_config, runs_table,
+                                    write_mix_report)
 from server.tools.demo import default_cache_dir
 
 DORA_SHARE = 16  # of the 32 sequences
@@ -130,11 +131,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{os.getloadavg()[0]:.2f}", "",
               "DoRA costs at load (each layer's weight norms once, then per adapter a pass of its "
               "r rows of A through the layer) and per step one [tokens, out] scale of the base "
-              "output per layer while a DoRA slot is in the batch.", "", "## Machine", ""]
-    lines += [f"- {k}: {v}" for k, v in machine().items()] + [""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+              "output per layer while a DoRA slot is in the batch.", ""]
+    write_mix_report(args.out, lines)
 
 
 def verdict(median: dict[str, float]) -> list[str]:

@@ -31,8 +31,9 @@ import torch
 
 from adapters_registry.mixtures import AdapterMix
 from benchmarks.core_engine import (NUM_PROMPTS, THREADS, Config, Log, build_assets,
-                                    load_core, machine, make_prompts, measure,
-                                    mix_benchmark_args, runs_table, work_problems)
+                                    load_core, make_prompts, measure,
+                                    mix_benchmark_args, runs_table, work_problems,
+                                    write_mix_report)
 from server.tools.demo import default_cache_dir
 
 HALF = NUM_PROMPTS // 2
@@ -133,11 +134,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{os.getloadavg()[0]:.2f}", "",
               "A merged mixture is one adapter in one slot, so a step with 16 of them and 16 "
               "plain adapters reads the same tables as a step with 32 plain adapters: (l) and (d) "
-              "differ only by measurement noise.", "", "## Machine", ""]
-    lines += [f"- {k}: {v}" for k, v in machine().items()] + [""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+              "differ only by measurement noise.", ""]
+    write_mix_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests import processes
 
@@ -84,3 +87,27 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
         processes.kill_group(proc)
         raise AssertionError("server did not start:\n" + server.output())
     return server
+
+
+@contextmanager
+def stopped_cleanly(process: ServerProcess) -> Iterator[ServerProcess]:
+    """Yields the server; afterwards it must stop with status 0 and no traceback in its log."""
+    yield process
+    assert process.stop() == 0, process.output()
+    assert "Traceback" not in process.output(), process.output()
+
+
+def start_demo_http_server(demo_cache: Path, store: Path) -> ServerProcess:
+    """The tiny demo with the HTTP API (one thread, unquantized, its own adapter store): what the
+    API tests run against."""
+    return start_server("--http-port", "auto", "--threads", "1", "--quantize", "none",
+                        "--store", str(store), env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
+
+
+def openai_client(server: ServerProcess, timeout: float, api_key: str = "unused"):
+    """The openai SDK on the server's HTTP API, without retries."""
+    import openai
+
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key=api_key, max_retries=0,
+                         timeout=timeout)
+

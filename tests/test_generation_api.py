@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from clients import LoraplexClient
-from tests.server_process import start_server
+from tests.server_process import openai_client, start_demo_http_server, stopped_cleanly
 
 BASE = "model"
 ADAPTERS = ["attn-r4", "attn-r8", "all-r16", "all-r64-rslora", "mlp-r8-bf16"]
@@ -27,18 +27,14 @@ MAX_TOKENS = 256
 
 @pytest.fixture(scope="module")
 def server(demo_cache, tmp_path_factory):
-    process = start_server("--http-port", "auto", "--threads", "1", "--quantize", "none",
-                           "--store", str(tmp_path_factory.mktemp("gen") / "store"),
-                           env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
-    yield process
-    assert process.stop() == 0, process.output()
-    assert "Traceback" not in process.output(), process.output()
+    store = tmp_path_factory.mktemp("gen") / "store"
+    with stopped_cleanly(start_demo_http_server(demo_cache, store)) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def api(server):
-    with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0,
-                       timeout=300) as client:
+    with openai_client(server, timeout=300) as client:
         yield client
 
 

@@ -28,7 +28,8 @@ from server.tools.demo import build_demo
 from server.serving import Backend
 from server.api.http_api import bound_port, create_app, start_http_server
 from tests.certificates import write_certificates
-from tests.server_process import start_server
+from tests.server_process import (openai_client, start_demo_http_server, start_server,
+                                   stopped_cleanly)
 
 BASE = "model"  # the demo model's directory name: its model id
 ADAPTERS = ["attn-r4", "attn-r8", "all-r16", "all-r64-rslora", "mlp-r8-bf16"]
@@ -88,19 +89,15 @@ def wait_until_idle(base_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def demo_server(demo_cache, tmp_path_factory):
-    process = start_server("--http-port", "auto", "--threads", "1", "--quantize", "none",
-                           "--store", str(tmp_path_factory.mktemp("http") / "store"),
-                           env={"LORAPLEX_CACHE_DIR": str(demo_cache)})
-    process.url = process.http_url
-    yield process
-    assert process.stop() == 0, process.output()
-    assert "Traceback" not in process.output(), process.output()
+    store = tmp_path_factory.mktemp("http") / "store"
+    with stopped_cleanly(start_demo_http_server(demo_cache, store)) as process:
+        process.url = process.http_url
+        yield process
 
 
 @pytest.fixture(scope="module")
 def api(demo_server):
-    with openai.OpenAI(base_url=demo_server.url + "/v1", api_key="unused", max_retries=0,
-                       timeout=120) as client:
+    with openai_client(demo_server, timeout=120) as client:
         yield client
 
 
@@ -335,13 +332,12 @@ def restricted_server(demo_cache, tmp_path_factory):
                            "--inference-token-file", str(tmp / "token"),
                            "--admin-token-file", str(tmp / "admin-token"))
     process.url = process.http_url
-    yield process
-    assert process.stop() == 0, process.output()
-    assert "Traceback" not in process.output(), process.output()
+    with stopped_cleanly(process):
+        yield process
 
 
 def restricted_api(server, key: str = TOKEN) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai_client(server, timeout=120, api_key=key)
 
 
 def test_chat_on_a_model_without_a_chat_template_is_400(restricted_server):

@@ -39,12 +39,6 @@ def tenant_of(seq: Sequence) -> str:
     return seq.adapter.key.name if seq.adapter is not None else BASE_TENANT
 
 
-def tenant_shares(seq: Sequence) -> dict[str, float]:
-    """Whose tokens a sequence's tokens are: a mixture's split by its weights."""
-    if seq.mixture is not None:
-        return seq.mixture.shares()
-    return {tenant_of(seq): 1.0}
-
 
 class WaitingQueue:
     """The waiting sequences, counted per tenant; `offers()` is the policy's admission order."""
@@ -134,9 +128,14 @@ class FairQueue(WaitingQueue):
         return seq in self._queues.get(tenant_of(seq), ())
 
     def charge(self, seq: Sequence, tokens: int) -> None:
-        for tenant, share in tenant_shares(seq).items():
-            self.counters[tenant] = (self.counters.get(tenant, 0.0)
-                                     + tokens * share / self.weights.get(tenant, 1.0))
+        if seq.mixture is None:
+            self._charge(tenant_of(seq), tokens)
+            return
+        for tenant, share in seq.mixture.shares.items():  # split by the weights
+            self._charge(tenant, tokens * share)
+
+    def _charge(self, tenant: str, tokens: float) -> None:
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens / self.weights.get(tenant, 1.0)
 
     def _push(self, seq: Sequence) -> None:
         tenant = tenant_of(seq)

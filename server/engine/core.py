@@ -37,7 +37,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import (Mask, SampleRow, Sampled, SamplingParams, prompt_logprobs,
                                    sample)
-from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence, slot_weights
+from server.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.engine.stats import EngineStats
 from server.engine.structured import Grammars, fill_bitmask, new_matcher
 from server.errors import ConfigError, InvalidRequest, Overloaded
@@ -493,7 +493,7 @@ def _chunk(c: ScheduledChunk) -> SeqChunk:
     seq = c.seq
     start = seq.num_computed
     return SeqChunk(token_ids=seq.tokens[start:start + c.num_tokens], start=start,
-                    block_table=seq.block_table, slots=slot_weights(seq),
+                    block_table=seq.block_table, slots=seq.slots,
                     needs_logits=start + c.num_tokens == seq.num_tokens,
                     all_logits=(seq.params.prompt_logprobs is not None
                                 and start < len(seq.prompt_ids)))

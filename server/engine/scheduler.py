@@ -58,8 +58,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache
-    slots: list[int] = field(default_factory=list)  # while running: the slot of each of
-                                                     # adapter.slot_uses(); none = base model
+    # while running: (slot, weight) of each of adapter.slot_uses(); none = base model
+    slots: list[tuple[int, float]] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     preemptions: int = 0
@@ -193,9 +193,9 @@ class Scheduler:
     def _place(self, seq: Sequence) -> list[tuple[int, AdapterLease]]:
         """Takes a slot for each adapter version seq runs through; returns those to write."""
         writes = []
-        for lease, _ in _slot_uses(seq):
+        for lease, weight in _slot_uses(seq):
             placement = self.slots.acquire(lease.key)
-            seq.slots.append(placement.slot)
+            seq.slots.append((placement.slot, weight))
             if placement.needs_write:
                 writes.append((placement.slot, lease))
         return writes
@@ -215,13 +215,14 @@ class Scheduler:
         limit = self.max_running_per_adapter
         if limit and self.running_counts[tenant_of(seq)] >= limit:
             return False
-        missing = [lease for lease, _ in _slot_uses(seq) if lease.key not in self.slots.slot_of]
+        uses = _slot_uses(seq)
+        missing = [lease for lease, _ in uses if lease.key not in self.slots.slot_of]
         if not missing:
             return True  # base model, or its versions are in slots already: nothing to write
         limit = self.max_slot_write_bytes_per_step
         nbytes = sum(lease.weights.nbytes for lease in missing)
         fits = not limit or not written or written + nbytes <= limit
-        return fits and self.slots.can_place_all([lease.key for lease, _ in _slot_uses(seq)])
+        return fits and self.slots.can_place_all([lease.key for lease, _ in uses])
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledChunk]) -> bool:
         """Gives seq blocks for num_tokens positions, preempting the newest others if needed."""
@@ -266,11 +267,6 @@ def _adapter_key(seq: Sequence):
     return seq.adapter.key if seq.adapter is not None else None
 
 
-def _slot_uses(seq: Sequence) -> list[tuple[AdapterLease, float]]:
+def _slot_uses(seq: Sequence) -> tuple[tuple[AdapterLease, float], ...]:
     """The adapter versions seq's tokens run through, each with its weight (none: base)."""
-    return seq.adapter.slot_uses() if seq.adapter is not None else []
-
-
-def slot_weights(seq: Sequence) -> list[tuple[int, float]]:
-    """While seq runs: (slot, weight) of each adapter version its tokens run through."""
-    return [(slot, weight) for slot, (_, weight) in zip(seq.slots, _slot_uses(seq))]
+    return seq.adapter.slot_uses() if seq.adapter is not None else ()
