@@ -8,9 +8,12 @@ on a 2-core machine one idle pool beside the loop thread's makes every small mat
 markedly slower.
 
 So: the model loads on a thread of its own that then ends (`run_on_own_thread`: its pool ends
-with it); helper threads that touch torch (request preparation, adapter validation, uploads) run
-their parallel regions alone (`single_threaded`); the loop thread sets the configured count
-(`loop_threads`), which OpenMP keeps per thread.
+with it); helper threads that touch torch (request preparation, adapter validation, uploads,
+merging adapter mixtures) run their parallel regions alone (`single_threaded`); the loop thread
+sets the configured count (`loop_threads`), which OpenMP keeps per thread. MKL, torch's LAPACK
+on x86 (`torch.linalg.qr`, `svd`: the svd mixture merge), opens its OpenMP regions with a count
+of its own, so a helper thread sets that one to 1 as well: a load worker left holding MKL's
+pool slowed every later step by about a fifth.
 
 Background work (adapter loads, validation and hashing of uploads) also runs at the lowest CPU
 priority (`background`: nice 19 for that thread alone, which Linux keeps per thread; the load
@@ -50,6 +53,9 @@ def single_threaded() -> None:
     if libgomp is not None:
         torch.get_num_threads()  # ATen's per-thread lazy init, which would overwrite the 1
         libgomp.omp_set_num_threads(1)
+    mkl = _mkl()
+    if mkl is not None:
+        mkl.MKL_Set_Num_Threads_Local(1)  # this thread's MKL calls, OpenMP's count aside
 
 
 def background(nice: int = BACKGROUND_NICE) -> None:
@@ -84,6 +90,20 @@ def run_on_own_thread(fn: Callable[[], T], name: str) -> Future:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+@functools.cache
+def _mkl() -> ctypes.CDLL | None:
+    """The MKL torch links in (x86 builds export its C service functions from libtorch_cpu);
+    None without it (another BLAS: nothing to do)."""
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu*.so*")):
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        if hasattr(library, "MKL_Set_Num_Threads_Local"):
+            return library
+    return None
 
 
 @functools.cache
